@@ -1,0 +1,189 @@
+"""The `kcollapse` command line: one subcommand per step of a study.
+
+run -> (eval) -> stages -> report / compare; import-reference brings in the paper's own logs; sweep runs many
+configs and seeds on Ray; bench measures speed against the reference implementation's way of working.
+Every user mistake ends as one line on stderr and exit code 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from kcollapse.errors import UserError
+
+app = typer.Typer(
+    help="Run, measure and explain knowledge collapse under recursive synthetic training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEBUG = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")
+
+
+def friendly(func):
+    """Turn UserError into one line + exit 2, Ctrl-C into a resume hint + exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as e:
+            if debug:
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            hint = getattr(wrapper, "resume_hint", "")
+            typer.echo(f"\ninterrupted. {hint}".rstrip(), err=True)
+            raise typer.Exit(130)
+
+    wrapper.__signature__ = _with_debug(func)
+    return wrapper
+
+
+def _with_debug(func):
+    import inspect
+
+    sig = inspect.signature(func)
+    params = list(sig.parameters.values()) + [
+        inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=DEBUG, annotation=bool)
+    ]
+    return sig.replace(parameters=params)
+
+
+@app.command()
+@friendly
+def run(
+    config: Optional[Path] = typer.Argument(None, help="Experiment YAML. Omitted: the built-in model-organism experiment."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<config name>)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field: key.path=value (repeatable)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Built-in recipe instead of CONFIG: default, quick, collapse."),
+):
+    """Run the recursive synthetic-training loop; re-running on the same RUN_DIR resumes it."""
+    from kcollapse.config import load_config
+    from kcollapse.loop import run_experiment
+
+    cfg = load_config(config, set_ or [], preset)
+    name = config.stem if config is not None else (preset or "default")
+    out = out or Path("runs") / name
+    run.resume_hint = f"Run the same command again to resume from the last finished step in {out}."
+    run_experiment(cfg, out)
+
+
+@app.command()
+@friendly
+def init(path: Path = typer.Argument(Path("kcollapse.yaml"), help="Where to write the example config.")):
+    """Write a commented example config (runs offline as written; point `model` at any local checkpoint)."""
+    from importlib import resources
+
+    if path.exists():
+        raise UserError(f"{path}: already exists; choose another path or delete it")
+    text = (resources.files("kcollapse") / "recipes" / "example.yaml").read_text()
+    from kcollapse.io import atomic_write_text
+
+    atomic_write_text(path, text)
+    typer.echo(f"wrote {path}; run it with: kcollapse run {path}")
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    model: str = typer.Argument(..., help="Model: HF id, local checkpoint dir, or 'organism'."),
+    benchmark: str = typer.Option("organism", "--benchmark", help="organism | local .jsonl/.csv file or dir | hf:<dataset>"),
+    format_: Optional[List[str]] = typer.Option(None, "--format", help="Instruction format (repeatable; default: all)."),
+    subject: Optional[List[str]] = typer.Option(None, "--subject", help="Subject (repeatable; default: all)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Questions per subject."),
+    scoring: str = typer.Option("reference", "--scoring", help="reference (the paper's) or loglik (lm-eval style)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: metrics.jsonl and answers/."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override an eval field: key=value (e.g. free_text=false)."),
+):
+    """Evaluate one model: task-centric metrics per subject and format, per-question answers."""
+    from kcollapse.evaluate.cli import eval_command
+
+    eval_command(model, benchmark, format_ or [], subject or [], limit, scoring, out, set_ or [])
+
+
+@app.command()
+@friendly
+def stages(run_dir: Path = typer.Argument(..., help="A run directory.")):
+    """Classify every arm x format x generation into stage A, B or C; writes RUN_DIR/stages.json."""
+    from kcollapse.stages import stages_command
+
+    stages_command(run_dir)
+
+
+@app.command()
+@friendly
+def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/figures/."""
+    from kcollapse.report import report_command
+
+    report_command(run_dir)
+
+
+@app.command()
+@friendly
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories to overlay."),
+    out: Path = typer.Option(Path("comparison"), "--out", "-o", help="Output directory."),
+):
+    """Overlay arms of several runs in one report and one CSV."""
+    from kcollapse.report import compare_command
+
+    compare_command(run_dirs, out)
+
+
+@app.command("import-reference")
+@friendly
+def import_reference(
+    dir_: Path = typer.Argument(..., metavar="DIR", help="Log directory of the paper's code (ratio_<pct>_gen_<g>/...)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+):
+    """Convert the reference implementation's logs into a kcollapse run directory."""
+    from kcollapse.reference import import_command
+
+    import_command(dir_, out)
+
+
+@app.command()
+@friendly
+def sweep(
+    config: Path = typer.Argument(..., help="Base experiment YAML."),
+    grid: Optional[List[str]] = typer.Option(None, "--grid", help="key.path=v1,v2,... (repeatable)."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per grid point (paired across points)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start Ray locally)."),
+    cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="CPUs reserved per trial."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep directory (default: sweeps/<config name>)."),
+):
+    """Run a grid x seeds of ordinary, resumable runs as Ray tasks; summarise retention and resistance."""
+    from kcollapse.sweep import sweep_command
+
+    sweep.resume_hint = "Run the same command again: finished trials are kept, unfinished ones resume."
+    sweep_command(config, grid or [], seeds, address, cpus_per_trial, out or Path("sweeps") / config.stem)
+
+
+@app.command()
+@friendly
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="Fewer repeats and inputs (under 3 minutes)."),
+    json_: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
+):
+    """Measure scoring, free-text, synthesis and training speed against reference-style baselines."""
+    from kcollapse.bench import bench_command
+
+    bench_command(quick, json_)
+
+
+def main():  # pragma: no cover - entry point for `python -m kcollapse.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,290 @@
+"""The experiment config: one pydantic model, loaded from YAML, overridable with `--set key.path=value`.
+
+Defaults are the reference paper's protocol (Keisha et al. 2025: 64-token blocks, 8000 samples per generation,
+full fine-tune at lr 1e-5 for 0.5 epoch on 512-token chunks, 16 generations). Recipes under `recipes/` (the
+offline model organism's default, `quick` and `collapse`) are ordinary config files that override some of them.
+Unknown keys and wrong types are errors that name the field; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kcollapse.errors import UserError
+
+PAPER_FORMATS = ["multiple_choice", "multiple_choice_few_shot", "short_answer", "no_instruction"]
+MMLU_SUBJECTS = [
+    "global_facts", "world_religions", "high_school_geography",  # factual
+    "formal_logic", "elementary_mathematics", "high_school_mathematics",  # reasoning
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(Strict):
+    """The real text. `path` is a local .txt/.jsonl/.csv file or a directory of them, or `organism`;
+    `dataset` (with `dataset_config`, `split`, `text_field`) loads it through `datasets` instead."""
+
+    path: str | None = "organism"
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    domain_field: str = "domain"
+    min_chars: int = Field(50, ge=0, description="texts shorter than this are dropped (paper: 50)")
+    heldout_share: float = Field(0.05, ge=0.0, lt=1.0, description="share of texts kept out of training for perplexity_heldout")
+    heldout_max_texts: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if not self.path and not self.dataset:
+            raise ValueError("set corpus.path (a local file/dir or 'organism') or corpus.dataset")
+        return self
+
+
+class ArmConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    synthetic_ratio: float = Field(ge=0.0, le=1.0)
+    mode: Literal["replace", "accumulate", "real_only"] = "replace"
+    domain: str | None = None
+    domain_corpus: str | None = Field(None, description="a text corpus of this domain (as the paper's per-topic files)")
+    domain_keywords: list[str] | None = Field(None, description="keep only real texts mentioning one of these")
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k filtering")
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+    keep_prompt: bool = Field(False, description="train on prompt + continuation instead of the continuation alone")
+
+
+class ChatConfig(Strict):
+    use_template: bool = True
+    system_prompt: str = (
+        "Continue the following text. Write only the continuation, as plain text, with no introduction or comments."
+    )
+
+
+class TrainConfig(Strict):
+    method: Literal["full", "lora"] = "full"
+    lr: float = Field(1e-5, gt=0.0)
+    epochs: float = Field(0.5, gt=0.0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    chunk_tokens: int = Field(512, ge=8)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    gradient_checkpointing: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | None = None
+
+
+class EvalConfig(Strict):
+    benchmark: str = Field("organism", description="organism | local .jsonl/.csv file or dir | hf:<dataset name>")
+    subjects: list[str] | None = Field(None, description="None: every subject of the benchmark (MMLU: the paper's six)")
+    formats: list[str] = Field(default_factory=lambda: PAPER_FORMATS + ["cloze"])
+    formats_file: str | None = Field(None, description="YAML file with extra instruction formats")
+    limit: int | None = Field(100, ge=1, description="questions per subject")
+    split: str | None = Field(None, description="only questions of this benchmark split (e.g. heldout)")
+    scoring: Literal["reference", "loglik"] = "reference"
+    few_shot_k: int = Field(3, ge=0)
+    few_shot_file: str | None = None
+    free_text: bool = True
+    free_text_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    perplexity_stride: int = Field(256, ge=1)
+    judge_model: str | None = None
+    gibberish_model: str | None = None
+    embedding_judge: bool = False
+
+
+class OrganismConfig(Strict):
+    """The offline model organism: a tiny GPT-2 trained from scratch on prose about real facts."""
+
+    domains: list[str] = Field(default_factory=lambda: ["geography", "us_states", "chemistry"])
+    paragraphs_per_entity: int = Field(4, ge=1)
+    heldout_share: float = Field(0.5, ge=0.0, lt=1.0, description="facts never asked as QA exercises")
+    vocab_size: int = Field(1024, ge=64)
+    n_embd: int = Field(128, ge=8)
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_positions: int = Field(128, ge=16)
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    seed: int = 0
+
+
+class ExperimentConfig(Strict):
+    model: str = Field("organism", description="HF model id, local checkpoint dir, or 'organism'")
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    block_tokens: int = Field(64, ge=2)
+    prompt_tokens: int | None = Field(None, ge=1, description="prompt = first prompt_tokens of a block; None: the whole block")
+    new_tokens: int = Field(64, ge=1)
+    samples_per_generation: int = Field(8000, ge=1)
+    generations: int = Field(16, ge=1)
+    arms: list[ArmConfig] = Field(
+        default_factory=lambda: [
+            ArmConfig(name="alpha_0.25", synthetic_ratio=0.25),
+            ArmConfig(name="alpha_0.5", synthetic_ratio=0.5),
+            ArmConfig(name="alpha_1.0", synthetic_ratio=1.0),
+        ],
+        min_length=1,
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    chat: ChatConfig = Field(default_factory=ChatConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    organism: OrganismConfig = Field(default_factory=OrganismConfig)
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    keep_checkpoints: Literal["first_last", "all"] = "first_last"
+    parallel_arms: int = Field(1, ge=1, description="arms fine-tuned at once, in separate processes (CPU)")
+    threads: int | None = Field(None, ge=1, description="torch threads per process; None: all cores / parallel_arms")
+    cache_dir: str | None = Field(None, description="where the organism's generation-0 model is cached")
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _corpus_from_string(cls, value: Any):
+        return {"path": value} if isinstance(value, (str, Path)) else value
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arms: names must be unique, got {names}")
+        if self.prompt_tokens is not None and self.prompt_tokens > self.block_tokens:
+            raise ValueError("prompt_tokens must be <= block_tokens")
+        return self
+
+
+# Fields that only change how fast a run goes, not what it computes: a resumed run may change them.
+RUNTIME_FIELDS = {"device", "parallel_arms", "threads", "cache_dir", "eval.batch_size", "sampling.batch_size"}
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}'"
+    found = e.get("input")
+    found_s = "" if isinstance(found, dict) or e["type"] == "missing" else f" (found {found!r:.60})"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{source}: {loc}: {msg}{found_s}"
+
+
+def validate(data: dict, source: str = "config") -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of config keys, found {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a YAML config file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read config file ({e.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
+    return {} if data is None else data
+
+
+def recipe_path(name: str) -> Path:
+    path = resources.files("kcollapse") / "recipes" / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.name.removesuffix(".yaml") for p in (resources.files("kcollapse") / "recipes").iterdir() if p.name.endswith(".yaml"))
+        raise UserError(f"--preset {name}: unknown preset, expected one of {', '.join(available)}")
+    return Path(str(path))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides to a full config dict (every field present), values parsed as YAML."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {key}: '{part}' is not an index of this list (0..{len(node) - 1})")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if part not in node:
+                    raise UserError(f"--set {key}: no such field '{'.'.join(parts[: i + 1])}'")
+                if last:
+                    node[part] = value
+                elif node[part] is None:
+                    raise UserError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
+                else:
+                    node = node[part]
+            else:
+                raise UserError(f"--set {key}: '{'.'.join(parts[:i])}' is not a section")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None) -> ExperimentConfig:
+    """CONFIG file, or a built-in preset (default: the organism experiment), then --set overrides."""
+    if path is not None and preset is not None:
+        raise UserError("give either a CONFIG file or --preset, not both")
+    source = str(path) if path is not None else f"preset '{preset or 'default'}'"
+    data = read_yaml(path if path is not None else recipe_path(preset or "default"))
+    config = validate(data, source)
+    if overrides:
+        config = validate(apply_overrides(config.model_dump(mode="json"), overrides), "--set")
+    return config
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def differing_fields(old: dict, new: dict) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RUNTIME_FIELDS)

@@ -1,0 +1,43 @@
+"""One generation's training mix: real blocks plus blocks the previous generation wrote itself.
+
+Of the generation's `samples_per_generation` blocks, the first (1-alpha) share stay real and the other alpha share
+become prompts (their first `prompt_tokens` tokens); the model samples `new_tokens` after each. Chat models get
+their chat template and a system prompt asking for a plain continuation, as in the paper. Every text is kept with
+its source, prompt and continuation, so the collapse can be read in the model's own words.
+"""
+
+from __future__ import annotations
+
+from kcollapse.config import ArmConfig, ExperimentConfig
+from kcollapse.corpus import Block
+from kcollapse.generate import generate
+from kcollapse.models import chat_prompt, has_chat_template
+
+
+def synthetic_count(arm: ArmConfig, n: int) -> int:
+    return 0 if arm.mode == "real_only" else round(arm.synthetic_ratio * n)
+
+
+def build_mix(model, tokenizer, blocks: list[Block], arm: ArmConfig, cfg: ExperimentConfig, seed: int,
+              progress=None) -> list[dict]:
+    """Training records `{text, source, prompt?, continuation?}`: real ones first, then synthetic ones."""
+    n_synthetic = synthetic_count(arm, len(blocks))
+    real, prompts = blocks[: len(blocks) - n_synthetic], blocks[len(blocks) - n_synthetic :]
+    records = [{"text": tokenizer.decode(b.ids, skip_special_tokens=True), "source": "real"} for b in real]
+    if not prompts:
+        return records
+    prompt_ids = [b.ids[: cfg.prompt_tokens] if cfg.prompt_tokens else b.ids for b in prompts]
+    prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+    if cfg.chat.use_template and has_chat_template(tokenizer):
+        inputs = [chat_prompt(tokenizer, t, cfg.chat.system_prompt) for t in prompt_texts]
+    else:
+        inputs = prompt_ids  # no decode/encode round trip for plain LMs
+    s = cfg.sampling
+    continuations = generate(
+        model, tokenizer, inputs, cfg.new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p,
+        top_k=s.top_k, repetition_penalty=s.repetition_penalty, batch_size=s.batch_size, seed=seed, progress=progress,
+    )
+    for prompt, cont in zip(prompt_texts, continuations):
+        text = f"{prompt} {cont.strip()}" if s.keep_prompt else cont.strip()
+        records.append({"text": text, "source": "synthetic", "prompt": prompt, "continuation": cont})
+    return records

@@ -1,0 +1,116 @@
+"""Fine-tuning one generation: the Hugging Face Trainer on a generation's training mix.
+
+The paper fine-tunes the full model (lr 1e-5, 0.5 epoch, 512-token chunks, batch 1 x grad-accum 4, weight decay
+0.01, gradient checkpointing); LoRA through `peft` is one setting away and is merged back into the weights, so the
+next generation starts from an ordinary checkpoint. Texts are joined with EOS and cut into equal chunks, as in
+causal-LM pre-training, so no compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kcollapse.config import TrainConfig
+
+
+def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
+    """Texts joined with EOS, cut into chunks of `chunk_tokens`; a short tail is dropped unless it is all there is."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(eos)
+    chunks = [stream[i : i + chunk_tokens] for i in range(0, len(stream), chunk_tokens)]
+    if len(chunks) > 1 and len(chunks[-1]) < chunk_tokens:
+        chunks.pop()
+    return [c for c in chunks if len(c) > 1]
+
+
+class _Chunks(torch.utils.data.Dataset):
+    def __init__(self, chunks: list[list[int]]):
+        self.chunks = chunks
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        ids = torch.tensor(self.chunks[i], dtype=torch.long)
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def _collate(rows: list[dict]) -> dict:
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {}
+    for key, fill in (("input_ids", 0), ("labels", -100), ("attention_mask", 0)):
+        batch[key] = torch.stack([torch.nn.functional.pad(r[key], (0, width - len(r[key])), value=fill) for r in rows])
+    return batch
+
+
+def _with_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules or "all-linear")
+    return get_peft_model(model, lora)
+
+
+class _ProgressCallback:
+    """Feeds the Trainer's step count into a rich progress bar."""
+
+    def __init__(self, progress, total: int):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_end(cb, args, state, control, **kw):  # noqa: N805
+                progress.update(self.task, completed=state.global_step)
+
+        self.task = progress.add_task("train", total=total)
+        self.callback = Callback()
+
+
+def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int, work_dir: Path, progress=None):
+    """Train `model` on `texts` and return it (LoRA adapters merged), in eval mode."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    chunks = pack(tokenizer, texts, cfg.chunk_tokens)
+    if not chunks:
+        raise ValueError("nothing to train on: the training texts are empty")
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    if cfg.method == "lora":
+        model = _with_lora(model, cfg)
+    model.train()
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = False
+    args = TrainingArguments(
+        output_dir=str(work_dir), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=seed, data_seed=seed,
+        use_cpu=device.type == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
+        bf16=next(model.parameters()).dtype == torch.bfloat16,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_Chunks(chunks), data_collator=_collate)
+    trainer.remove_callback(PrinterCallback)  # the run records its own metrics; no dicts on stdout
+    if progress is not None:
+        steps = cfg.max_steps or max(1, int(len(chunks) * cfg.epochs / (cfg.batch_size * cfg.grad_accum) + 0.999))
+        cb = _ProgressCallback(progress, steps)
+        trainer.add_callback(cb.callback)
+    trainer.train()
+    if progress is not None:
+        progress.remove_task(cb.task)
+    model = trainer.model
+    if cfg.method == "lora":
+        model = model.merge_and_unload()
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = True
+    return model.eval()

@@ -1,0 +1,174 @@
+"""The recursive loop end to end on tiny local models: run directory, modes, mixing, chat, LoRA, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from kcollapse.config import validate
+from kcollapse.errors import UserError
+from kcollapse.io import read_jsonl
+from kcollapse.loop import run_experiment
+
+from conftest import DATA
+
+
+def tiny_config(model, arms, **over) -> dict:
+    cfg = {
+        "model": str(model),
+        "corpus": {"path": str(DATA / "corpus.txt"), "min_chars": 20, "heldout_share": 0.1},
+        "block_tokens": 16, "prompt_tokens": 8, "new_tokens": 8, "samples_per_generation": 24, "generations": 2,
+        "arms": arms,
+        "train": {"lr": 1e-3, "max_steps": 2, "chunk_tokens": 64, "batch_size": 2, "grad_accum": 1,
+                  "gradient_checkpointing": False},
+        "sampling": {"batch_size": 16},
+        "eval": {"benchmark": str(DATA / "bench.jsonl"), "limit": 6, "free_text_tokens": 4, "few_shot_k": 1,
+                 "perplexity_stride": 32},
+    }
+    for key, value in over.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def metrics(run_dir):
+    return pd.read_json(run_dir / "metrics.jsonl", lines=True)
+
+
+def test_two_generation_run_writes_the_run_directory(tiny_gpt2, tmp_path):
+    cfg = validate(tiny_config(tiny_gpt2, [{"name": "half", "synthetic_ratio": 0.5}]))
+    out = run_experiment(cfg, tmp_path / "run")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["weight_decay"] == 0.01 and saved["arms"][0]["synthetic_ratio"] == 0.5  # defaults written out
+    assert "torch=" in (out / "config.yaml").read_text().splitlines()[0]
+    df = metrics(out)
+    assert list(df.columns) == ["arm", "generation", "metric", "value", "format", "subject"]
+    assert set(df.generation) == {0, 1, 2} and set(df.arm) == {"half"}
+    for name in ("perplexity_heldout", "accuracy", "seconds_synthesize", "seconds_train", "seconds_eval", "train_tokens"):
+        assert name in set(df.metric), name
+    for g in (1, 2):
+        mix = read_jsonl(out / f"arms/half/gen_{g}/synthetic.jsonl")
+        assert [r["source"] for r in mix].count("synthetic") == 12 and len(mix) == 24
+        assert all(r["prompt"] and "continuation" in r for r in mix if r["source"] == "synthetic")
+        assert list((out / f"arms/half/gen_{g}/answers").glob("*__multiple_choice.jsonl"))
+    assert list((out / "arms/half/gen_0/answers").glob("*.jsonl"))
+    assert (out / "gen_0/model/model.safetensors").exists()
+    assert (out / "arms/half/gen_2/model/model.safetensors").exists()
+    assert not (out / "arms/half/gen_1/model").exists()  # keep_checkpoints: first_last
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.tmp"))
+    assert json.loads((out / "state.json").read_text())["complete"] is True
+
+
+@pytest.mark.parametrize("ratio, expected_synthetic", [(0.0, 0), (0.25, 6), (1.0, 24)])
+def test_mixing_shares_are_exact(tiny_gpt2, tmp_path, ratio, expected_synthetic):
+    cfg = validate(tiny_config(tiny_gpt2, [{"name": "a", "synthetic_ratio": ratio}], generations=1,
+                               **{"eval.formats": ["cloze"], "eval.free_text": False}))
+    out = run_experiment(cfg, tmp_path / "run")
+    mix = read_jsonl(out / "arms/a/gen_1/synthetic.jsonl")
+    assert len(mix) == 24 and sum(r["source"] == "synthetic" for r in mix) == expected_synthetic
+    assert [r["source"] for r in mix] == sorted(r["source"] for r in mix)  # real first, then synthetic
+
+
+def test_modes_replace_accumulate_real_only(tiny_gpt2, tmp_path):
+    arms = [{"name": "rep", "synthetic_ratio": 0.5, "mode": "replace"},
+            {"name": "acc", "synthetic_ratio": 0.5, "mode": "accumulate"},
+            {"name": "real", "synthetic_ratio": 0.5, "mode": "real_only"}]
+    cfg = validate(tiny_config(tiny_gpt2, arms, **{"eval.formats": ["cloze"], "eval.free_text": False,
+                                                    "train.epochs": 1.0, "train.max_steps": None}))
+    out = run_experiment(cfg, tmp_path / "run")
+    df = metrics(out)
+    texts = df[df.metric == "train_texts"].set_index(["arm", "generation"]).value
+    assert texts[("rep", 1)] == texts[("rep", 2)] == 24
+    assert texts[("acc", 1)] == 24 and texts[("acc", 2)] == 48  # all previous mixes too
+    assert all(r["source"] == "real" for g in (1, 2) for r in read_jsonl(out / f"arms/real/gen_{g}/synthetic.jsonl"))
+    # arms in one generation draw the same blocks: the real share of 'rep' is the head of 'real'
+    rep, real = (read_jsonl(out / f"arms/{a}/gen_1/synthetic.jsonl") for a in ("rep", "real"))
+    assert [r["text"] for r in rep if r["source"] == "real"] == [r["text"] for r in real][:12]
+
+
+def test_chat_template_and_system_prompt_are_used(tiny_gemma, tmp_path, monkeypatch):
+    import kcollapse.synthesize as synth
+
+    seen = []
+    real_generate = synth.generate
+
+    def spy(model, tokenizer, prompts, *a, **kw):
+        seen.extend(prompts)
+        return real_generate(model, tokenizer, prompts, *a, **kw)
+
+    monkeypatch.setattr(synth, "generate", spy)
+    cfg = validate(tiny_config(tiny_gemma, [{"name": "a", "synthetic_ratio": 1.0}], generations=1,
+                               **{"eval.formats": ["short_answer"], "chat.system_prompt": "Continue plainly."}))
+    run_experiment(cfg, tmp_path / "chat")
+    assert seen and all(isinstance(p, str) and p.startswith("<bos><start_of_turn>user\nContinue plainly.") for p in seen)
+    assert all(p.endswith("<start_of_turn>model\n") for p in seen)
+    seen.clear()
+    cfg = validate(tiny_config(tiny_gemma, [{"name": "a", "synthetic_ratio": 1.0}], generations=1,
+                               **{"eval.formats": ["short_answer"], "chat.use_template": False}))
+    run_experiment(cfg, tmp_path / "plain")
+    assert seen and not any(isinstance(p, str) and "<start_of_turn>" in p for p in seen)
+
+
+def test_lora_fine_tuning_merges_into_a_plain_checkpoint(tiny_gpt2, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = validate(tiny_config(tiny_gpt2, [{"name": "a", "synthetic_ratio": 0.5}], generations=1,
+                               **{"train.method": "lora", "train.lr": 5e-2, "train.lora_r": 4,
+                                  "eval.formats": ["cloze"], "eval.free_text": False}))
+    out = run_experiment(cfg, tmp_path / "run")
+    before = load_file(out / "gen_0/model/model.safetensors")
+    after = load_file(out / "arms/a/gen_1/model/model.safetensors")
+    assert before.keys() == after.keys() and not any("lora" in k for k in after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_after_interruption_gives_identical_metrics(tiny_gpt2, tmp_path, monkeypatch):
+    arms = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}]
+    cfg = validate(tiny_config(tiny_gpt2, arms, **{"eval.formats": ["multiple_choice", "cloze"]}))
+    run_experiment(cfg, tmp_path / "full")
+
+    import kcollapse.train as train
+
+    real_finetune, calls = train.finetune, []
+
+    def dies_on_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_finetune(*a, **kw)
+
+    monkeypatch.setattr(train, "finetune", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(train, "finetune", real_finetune)
+    assert not (tmp_path / "resumed/arms/b/gen_1/model").exists()
+    run_experiment(cfg, tmp_path / "resumed")
+
+    def stable(path):
+        df = metrics(path)
+        return df[~df.metric.str.startswith("seconds_")].reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(stable(tmp_path / "full"), stable(tmp_path / "resumed"))
+
+
+def test_a_run_dir_from_another_config_is_refused(tiny_gpt2, tmp_path):
+    base = tiny_config(tiny_gpt2, [{"name": "a", "synthetic_ratio": 0.5}], generations=1,
+                       **{"eval.formats": ["cloze"], "eval.free_text": False})
+    run_experiment(validate(base), tmp_path / "run")
+    changed = validate({**base, "train": {**base["train"], "lr": 0.5}})
+    with pytest.raises(UserError, match=r"different config \(train.lr differ\)"):
+        run_experiment(changed, tmp_path / "run")
+
+
+def test_missing_corpus_leaves_no_run_directory(tiny_gpt2, tmp_path):
+    cfg = validate(tiny_config(tiny_gpt2, [{"name": "a", "synthetic_ratio": 0.5}], corpus=str(tmp_path / "none.txt")))
+    with pytest.raises(UserError, match="does not exist"):
+        run_experiment(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,206 @@
+"""Figures of a collapse study: metric curves per arm with the stages shaded, the stage timeline, overlays.
+
+Every figure is drawn with matplotlib (Agg, no display needed), saved as PNG under RUN_DIR/figures/ and returned
+as bytes so that report.py can embed it (base64) in one self-contained HTML page. Stage bands: none for A,
+amber for B (knowledge collapse), red for C (instruction-following collapse).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from kcollapse.io import _umask  # noqa: E402
+
+
+BAND = {"B": ("#f6c343", 0.22), "C": ("#e4572e", 0.22)}
+STAGE_COLOR = {"A": "#8fd19e", "B": "#f6c343", "C": "#e4572e", "?": "#dddddd"}
+TASK_ORDER = ["accuracy", "judged_accuracy", "greedy_rate", "max_freq", "confidence", "confident_wrong_rate",
+              "format_adherence", "answer_words", "answer_repetition", "judge_mean", "fluency"]
+MODEL_ORDER = ["perplexity", "perplexity_heldout", "entropy", "entropy_std", "distinct_1", "distinct_2",
+               "repetition_rate", "fluency"]
+SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part"}
+
+
+def _literal_text(func):
+    """Names come from files: draw them as written ("$x$" is not mathtext)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _save(fig, path: Path) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:  # atomic and readable like kcollapse.io's text writers (it has no bytes writer)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return data
+
+
+def shade(ax, stages: dict[int, str]) -> None:
+    """Shade each generation's band by its stage (B amber, C red)."""
+    for g, s in stages.items():
+        if s in BAND:
+            color, alpha = BAND[s]
+            ax.axvspan(g - 0.5, g + 0.5, color=color, alpha=alpha, lw=0)
+
+
+def worst_stage(formats: dict) -> dict[int, str]:
+    """Generation -> the most advanced stage over all formats of an arm."""
+    rank = {"A": 0, "B": 1, "C": 2}
+    out: dict[int, str] = {}
+    for f in formats.values():
+        for p in f.get("generations", []):
+            if isinstance(p, dict) and rank.get(p["stage"], -1) > rank.get(out.get(p["generation"]), -1):
+                out[p["generation"]] = p["stage"]
+    return out
+
+
+def _series(df, metric, fmt=..., subject=...):
+    sel = df["metric"] == metric
+    if fmt is not ...:
+        sel &= df["format"].isna() if fmt is None else df["format"] == fmt
+    if subject is not ...:
+        sel &= df["subject"].isna() if subject is None else df["subject"] == subject
+    return df.loc[sel].groupby("generation")["value"].last().sort_index()
+
+
+@_literal_text
+def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> bytes:
+    """One arm: accuracy per format (own stage bands, bootstrap CI, held-out split dashed), then every other
+    metric (bands = the most advanced stage over formats)."""
+    adf = df[df["arm"] == arm]
+    formats = list(arm_stages.get("formats", {})) or sorted(adf["format"].dropna().unique())
+    task = [m for m in TASK_ORDER[1:] if (adf["metric"] == m).any() and adf.loc[adf["metric"] == m, "format"].notna().any()]
+    model = [m for m in MODEL_ORDER if ((adf["metric"] == m) & adf["format"].isna()).any()]
+    known = set(TASK_ORDER) | set(MODEL_ORDER)
+    other = sorted(m for m in set(adf["metric"]) - known if not m.startswith("seconds_"))  # timings: not curves
+    panels = [("acc", f) for f in formats] + [("task", m) for m in task] + [("model", m) for m in model] + \
+             [("other", m) for m in other]
+    cols = 4
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(16, 3.3 * rows), squeeze=False)
+    worst = worst_stage(arm_stages.get("formats", {}))
+    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(formats)}
+    legend_done: dict[str, bool] = {}
+    for ax, (kind, name) in zip(axes.flat, panels):
+        if kind == "acc":
+            f = arm_stages.get("formats", {}).get(name, {})
+            pts = [p for p in f.get("generations", []) if isinstance(p, dict)]
+            shade(ax, {p["generation"]: p["stage"] for p in pts})
+            s = _series(adf, "accuracy", name, None)
+            ax.plot(s.index, s.values, "o-", color=colors.get(name), label="all questions")
+            held = _series(adf, "accuracy", name, "split:heldout")
+            if not held.empty:
+                ax.plot(held.index, held.values, "s--", color="#444", label="held-out facts")
+            ci = [(p["generation"], p["accuracy_diff_ci"]) for p in pts if p.get("accuracy_diff_ci")]
+            base = f.get("baseline", {}).get("accuracy")
+            if ci and base is not None:
+                ax.fill_between([g for g, _ in ci], [base + c[0] for _, c in ci], [base + c[1] for _, c in ci],
+                                color=colors.get(name), alpha=0.15, lw=0, label=f"baseline + {95}% CI of change")
+            chance = f.get("baseline", {}).get("chance") or 0.25
+            ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
+            ax.set_title(f"accuracy · {name}  [{f.get('stages', '')}]", fontsize=9)
+            ax.set_ylim(0, 1.02)
+            if not legend_done.get(kind):
+                ax.legend(fontsize=7, loc="lower left")
+        elif kind == "task" or (kind == "other" and adf.loc[adf["metric"] == name, "format"].notna().any()):
+            shade(ax, worst)
+            for fmt in formats:
+                s = _series(adf, name, fmt, None)
+                if not s.empty:
+                    ax.plot(s.index, s.values, "o-", ms=3, color=colors.get(fmt), label=fmt)
+            ax.set_title(name.replace("_", " ") + " (per format)", fontsize=9)
+            if not legend_done.get(kind):
+                ax.legend(fontsize=6)
+        else:
+            shade(ax, worst)
+            for subj, s in adf[(adf["metric"] == name) & adf["format"].isna()].groupby("subject", dropna=False):
+                subj = None if pd.isna(subj) else subj
+                s = s.groupby("generation")["value"].last().sort_index()
+                ax.plot(s.index, s.values, "o-", ms=3, label=SUBJECT_LABEL.get(subj, str(subj)))
+            warned = arm_stages.get("model_centric", {}).get("warnings", {}).get(name)
+            if warned is not None:
+                ax.axvline(warned, color="black", ls="--", lw=0.9, label="model-centric warning")
+            ax.set_title(name.replace("_", " ") + (" (model-centric)" if kind == "model" else ""), fontsize=9)
+            if not legend_done.get(kind):
+                ax.legend(fontsize=6)
+        legend_done[kind] = True  # colours are the same in every panel: one legend per kind of panel
+        ax.set_xlabel("generation", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"arm {arm}", fontsize=12, x=0.01, ha="left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+@_literal_text
+def timeline_figure(rows: list[tuple[str, dict[int, str]]], last: int, path: Path) -> bytes:
+    """Rows `label -> {generation: stage}` as a coloured grid with the letters written in."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * (last + 1) + 3), 0.38 * len(rows) + 1.0))
+    for y, (label, st) in enumerate(rows):
+        for g in range(last + 1):
+            s = st.get(g, "")
+            ax.add_patch(plt.Rectangle((g - 0.5, y - 0.5), 1, 1, color=STAGE_COLOR.get(s, "#f4f4f4"), ec="white"))
+            ax.text(g, y, s, ha="center", va="center", fontsize=8)
+    ax.set_xlim(-0.5, last + 0.5)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.set_xticks(range(last + 1), [str(g) for g in range(last + 1)], fontsize=7)
+    ax.set_xlabel("generation")
+    ax.set_title("stage timeline (A preserved, B knowledge collapse, C instruction-following collapse)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+@_literal_text
+def overlay_figure(panels: list[tuple[str, dict[str, pd.Series]]], path: Path, title: str) -> bytes:
+    """Panels of `title -> {line label: generation-indexed series}` (compare)."""
+    cols = 3
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(15, 3.4 * rows), squeeze=False)
+    labels = list(dict.fromkeys(k for _, lines in panels for k in lines))
+    cmap = plt.cm.tab10 if len(labels) <= 10 else plt.cm.tab20
+    colors = {k: cmap(i % cmap.N) for i, k in enumerate(labels)}
+    for ax, (name, lines) in zip(axes.flat, panels):
+        for label, s in lines.items():
+            ax.plot(s.index, s.values, "o-", ms=3, color=colors[label], label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("generation", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=12, x=0.01, ha="left")
+    fig.tight_layout()
+    return _save(fig, path)

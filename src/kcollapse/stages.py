@@ -1,0 +1,416 @@
+"""Stage classifier: for every arm x format x generation, is the model in stage A, B or C?
+
+Keisha et al. (2025) describe recursive synthetic training in three stages. A: knowledge is preserved.
+B: *knowledge collapse*, accuracy falls while the answers keep their fluency and format (the model is
+confidently wrong). C: *instruction-following collapse*, the format and the fluency of the answers break too.
+This module turns a run directory into those letters, against the generation-0 baseline, with uncertainty.
+
+The default rule (every number is a field of `StageRules`, overridable by a `stages:` section in
+RUN_DIR/config.yaml or by a YAML file of those fields):
+
+- Accuracy is measured above chance: retention = (acc_g - chance) / (acc_0 - chance), chance = 1 / number of
+  choices (0.25 on the 4-choice benchmarks). A model at chance has retained nothing, whatever its raw accuracy.
+- With per-question answers (arms/<arm>/gen_<g>/answers/*.jsonl) every signal is a paired bootstrap over the
+  questions present at both generation g and generation 0 (`n_boot` resamples, `ci` level).
+- Without answers the metric rows stand in (`accuracy`, `format_adherence`, `answer_repetition`, `answer_words`,
+  `fluency` of the format, else the run's `fluency` row) and "significant" is replaced by `min_drop`.
+- C when, against generation 0, format adherence (the free-text answer names an option) drops by
+  at least `format_drop`, answer repetition (repeated word 4-grams) rises by at least `repetition_rise`, the
+  answer length changes by more than a factor `words_factor`, or fluency falls by more than `fluency_drop`
+  (relative); with answers each change must also be significant (its CI excludes no change).
+- B when not C, retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
+  0; without answers: a drop of at least `min_drop`).
+- A otherwise. Generation 0 is A by definition.
+- Onset of B (of C): the first generation from which the stage is at least B (is C) for `persist` evaluated
+  generations in a row (fewer at the end of the run), so that one noisy generation starts nothing.
+- Model-centric signals (perplexity, entropy, distinct-n, repetition of the training text) are only reported
+  beside: the *model warning* is the first generation (same persistence) where one moves by `model_signals`
+  (relative change, signed in the direction of collapse). Lead time = first task-centric drop (the earlier of
+  the B and C onsets) - model warning: positive when the model-centric metrics warned first.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kcollapse.config import PAPER_FORMATS
+from kcollapse.errors import UserError
+from kcollapse.io import atomic_write_json, read_jsonl, sanitize_terminal
+from kcollapse.reference import repeated_share
+
+STAGE_RANK = {"A": 0, "B": 1, "C": 2}
+METRIC_COLUMNS = ["arm", "generation", "metric", "value", "format", "subject"]
+
+
+class StageRules(BaseModel):
+    """Thresholds of the stage rule (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subject: str | None = Field(None, description="questions classified: null = all, a subject, or split:<name>")
+    accuracy: str = Field("accuracy", pattern="^(accuracy|judged_accuracy)$",
+                          description="accuracy = scored option; judged_accuracy = the free-text answer's option")
+    chance: float | None = Field(None, ge=0.0, lt=1.0, description="null: 1 / number of choices (0.25 without answers)")
+    min_margin: float = Field(0.05, ge=0.0, description="baseline accuracy must exceed chance by this to measure retention")
+    retention_b: float = Field(0.8, gt=0.0, description="B when retention of above-chance accuracy is below this")
+    min_drop: float = Field(0.05, ge=0.0, description="without answers: smallest accuracy drop that counts")
+    format_drop: float = Field(0.2, gt=0.0, description="C: absolute drop of format adherence")
+    repetition_rise: float = Field(0.2, gt=0.0, description="C: absolute rise of answer repetition")
+    words_factor: float = Field(2.0, gt=1.0, description="C: answer length changed by more than this factor")
+    fluency_drop: float = Field(0.2, gt=0.0, description="C: relative drop of fluency")
+    confident_threshold: float = Field(0.5, gt=0.0, le=1.0, description="confident-wrong: wrong with confidence >= this")
+    ci: float = Field(0.95, gt=0.5, lt=1.0)
+    n_boot: int = Field(1000, ge=50)
+    seed: int = 0
+    persist: int = Field(2, ge=1, description="generations in a row that confirm an onset")
+    model_subject: str | None = Field("synthetic", description="text-metric rows watched (fallback: null = whole mix)")
+    model_signals: dict[str, float] = Field(
+        default_factory=lambda: {"perplexity": 0.2, "perplexity_heldout": 0.2, "entropy": -0.1,
+                                 "distinct_1": -0.1, "distinct_2": -0.1, "repetition_rate": 0.5},
+        description="metric -> relative change vs generation 0 that is a warning (sign = direction of collapse)",
+    )
+
+
+def load_rules(run_dir: Path, rules_file: Path | None = None) -> StageRules:
+    """Defaults, then the `stages:` section of RUN_DIR/config.yaml, then `rules_file` (a YAML of StageRules)."""
+    data: dict = {}
+    sources = [(Path(run_dir) / "config.yaml", True)] + ([(Path(rules_file), False)] if rules_file else [])
+    for path, section in sources:
+        if not path.is_file():
+            if not section:
+                raise UserError(f"{path}: stage rules file not found")
+            continue
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"{path}: cannot read YAML ({e.__class__.__name__})") from None
+        part = raw.get("stages") if section and isinstance(raw, dict) else raw
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise UserError(f"{path}: stages: expected a mapping of StageRules fields")
+        data.update(part)
+    try:
+        return StageRules.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise UserError(f"stage rules: {'.'.join(map(str, e['loc']))}: {e['msg']} (from {sources[-1][0]})") from None
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def load_metrics(run_dir: Path) -> pd.DataFrame:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {run_dir} a kcollapse run directory?")
+    df = pd.DataFrame(read_jsonl(path))
+    if df.empty:
+        raise UserError(f"{path}: no metric rows")
+    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: rows lack field(s) {missing}; expected {METRIC_COLUMNS}")
+    df = df[METRIC_COLUMNS].copy()
+    df["generation"] = pd.to_numeric(df["generation"], errors="coerce")
+    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    if df["generation"].isna().any():
+        raise UserError(f"{path}: a row has a non-integer generation")
+    df["generation"] = df["generation"].astype(int)
+    df["arm"] = df["arm"].astype(str)
+    df = df.astype({"format": object, "subject": object})
+    df[["format", "subject"]] = df[["format", "subject"]].where(df[["format", "subject"]].notna(), None)
+    # a resumed run may have re-written a row: the last one wins
+    return df.drop_duplicates(["arm", "generation", "metric", "format", "subject"], keep="last").reset_index(drop=True)
+
+
+def answer_files(run_dir: Path) -> dict[tuple[str, int, str], list[Path]]:
+    """(arm, generation, format) -> its answers files (one per subject)."""
+    out: dict[tuple[str, int, str], list[Path]] = {}
+    for path in sorted(Path(run_dir).glob("arms/*/gen_*/answers/*__*.jsonl")):
+        m = re.fullmatch(r"gen_(\d+)", path.parent.parent.name)
+        if m:
+            fmt = path.stem.rsplit("__", 1)[1]
+            out.setdefault((path.parent.parent.parent.name, int(m.group(1)), fmt), []).append(path)
+    return out
+
+
+def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
+    """Per-question signals of one arm x generation x format, indexed by question id."""
+    rows = []
+    for path in paths:
+        for r in read_jsonl(path):
+            if "id" not in r or "is_correct" not in r:
+                raise UserError(f"{path}: answer record lacks 'id' or 'is_correct'")
+            if rules.subject and rules.subject.startswith("split:"):
+                if r.get("split") != rules.subject[6:]:
+                    continue
+            elif rules.subject and r.get("subject") != rules.subject:
+                continue
+            text = r.get("answer_text")
+            judged = r.get("judged_index")
+            conf = r.get("confidence")
+            correct = float(bool(r["is_correct"]))
+            rows.append({
+                "id": str(r["id"]),
+                "correct": correct,
+                "judged_correct": float(judged == r.get("correct_index")) if text is not None else np.nan,
+                "adherent": float(judged is not None) if text is not None else np.nan,
+                "words": float(len(text.split())) if isinstance(text, str) else np.nan,
+                "repetition": repeated_share(text) if isinstance(text, str) else np.nan,
+                "confidence": float(conf) if conf is not None else np.nan,
+                "confident_wrong": float(correct == 0 and conf is not None and conf >= rules.confident_threshold)
+                if conf is not None else np.nan,
+                "chance": 1.0 / len(r["choices"]) if r.get("choices") else np.nan,
+            })
+    df = pd.DataFrame(rows)
+    return df.drop_duplicates("id", keep="last").set_index("id") if not df.empty else df
+
+
+def _metric(df: pd.DataFrame, arm: str, metric: str, fmt: str | None, subject: str | None) -> pd.Series:
+    """generation -> value for one metric row family; format/subject None match null."""
+    sel = (df["arm"] == arm) & (df["metric"] == metric)
+    sel &= df["format"].isna() if fmt is None else (df["format"] == fmt)
+    sel &= df["subject"].isna() if subject is None else (df["subject"] == subject)
+    return df.loc[sel].set_index("generation")["value"].sort_index().dropna()
+
+
+# ----------------------------------------------------------------------------------------------- rule
+
+def _paired_bootstrap(cur: pd.DataFrame, base: pd.DataFrame, rules: StageRules, seed: int):
+    """Point estimates and CIs of per-question mean differences (cur - base) and of retention."""
+    ids = cur.index.intersection(base.index)
+    x, x0 = cur.loc[ids], base.loc[ids]
+    rng = np.random.default_rng([rules.seed, seed])
+    idx = rng.integers(0, len(ids), size=(rules.n_boot, len(ids)))
+    lo_q, hi_q = (1 - rules.ci) / 2 * 100, (1 + rules.ci) / 2 * 100
+    out: dict[str, Any] = {"n": int(len(ids))}
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN resample: NaN, skipped below
+        for col in ["correct", "judged_correct", "adherent", "words", "repetition", "confident_wrong"]:
+            a, b = x[col].to_numpy(float), x0[col].to_numpy(float)
+            if np.isnan(a).all() or np.isnan(b).all() or (col == "adherent" and not np.nansum(b)):
+                continue  # not measured (e.g. no answer judged at generation 0: nothing to degrade from)
+            boot = np.nanmean(a[idx], axis=1) - np.nanmean(b[idx], axis=1)
+            out[col] = (float(np.nanmean(a)), float(np.nanmean(b)),
+                        [float(np.nanpercentile(boot, lo_q)), float(np.nanpercentile(boot, hi_q))])
+        acc_col = "correct" if rules.accuracy == "accuracy" else "judged_correct"
+        chance = rules.chance if rules.chance is not None else (
+            float(np.nanmean(x0["chance"])) if x0["chance"].notna().any() else 0.25)
+        out["chance"] = chance
+        if acc_col in out and out[acc_col][1] - chance > rules.min_margin:
+            a, b = x[acc_col].to_numpy(float), x0[acc_col].to_numpy(float)
+            ret = (np.nanmean(a[idx], axis=1) - chance) / (np.nanmean(b[idx], axis=1) - chance)
+            out["retention"] = ((out[acc_col][0] - chance) / (out[acc_col][1] - chance),
+                                [float(np.nanpercentile(ret, lo_q)), float(np.nanpercentile(ret, hi_q))])
+    return out
+
+
+def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRules, chance: float) -> dict:
+    """Stage of one generation from bootstrap results (or None) and metric values (m, baseline m0)."""
+    rec: dict[str, Any] = {"generation": g}
+    c_reasons, b_reasons = [], []
+    acc_col = "correct" if rules.accuracy == "accuracy" else "judged_correct"
+    if boot is not None and acc_col in boot:
+        acc, acc0, diff_ci = boot[acc_col]
+        rec.update(accuracy=acc, accuracy_diff_ci=diff_ci, n=boot["n"], method="bootstrap")
+        ret = boot.get("retention")
+        rec["retention"], rec["retention_ci"] = (ret if ret else (None, None))
+        if ret and ret[0] < rules.retention_b and diff_ci[1] < 0:
+            b_reasons.append(f"retention {ret[0]:.2f} [{ret[1][0]:.2f}, {ret[1][1]:.2f}] < {rules.retention_b}")
+        for col, key in [("adherent", "format_adherence"), ("repetition", "answer_repetition"),
+                         ("words", "answer_words"), ("confident_wrong", "confident_wrong_rate")]:
+            if col in boot:
+                rec[key] = boot[col][0]
+        if "adherent" in boot:
+            v, v0, ci = boot["adherent"]
+            if v - v0 <= -rules.format_drop and ci[1] < 0:
+                c_reasons.append(f"format adherence {v0:.2f} -> {v:.2f}")
+        if "repetition" in boot:
+            v, v0, ci = boot["repetition"]
+            if v - v0 >= rules.repetition_rise and ci[0] > 0:
+                c_reasons.append(f"answer repetition {v0:.2f} -> {v:.2f}")
+        if "words" in boot:
+            v, v0, ci = boot["words"]
+            if v0 > 0 and not (1 / rules.words_factor <= v / v0 <= rules.words_factor) and (ci[0] > 0 or ci[1] < 0):
+                c_reasons.append(f"answer length {v0:.1f} -> {v:.1f} words")
+    else:
+        acc, acc0 = m.get(rules.accuracy), m0.get(rules.accuracy)
+        rec.update(accuracy=acc, method="metrics")
+        rec["retention"] = rec["retention_ci"] = None
+        if acc is not None and acc0 is not None and acc0 - chance > rules.min_margin:
+            ret = (acc - chance) / (acc0 - chance)
+            rec["retention"] = ret
+            if ret < rules.retention_b and acc0 - acc >= rules.min_drop:
+                b_reasons.append(f"retention {ret:.2f} < {rules.retention_b} (no CI: metrics only)")
+        for key in ["format_adherence", "answer_repetition", "answer_words", "confident_wrong_rate"]:
+            if m.get(key) is not None:
+                rec[key] = m[key]
+        v, v0 = m.get("format_adherence"), m0.get("format_adherence")
+        if v is not None and v0 is not None and v - v0 <= -rules.format_drop:
+            c_reasons.append(f"format adherence {v0:.2f} -> {v:.2f}")
+        v, v0 = m.get("answer_repetition"), m0.get("answer_repetition")
+        if v is not None and v0 is not None and v - v0 >= rules.repetition_rise:
+            c_reasons.append(f"answer repetition {v0:.2f} -> {v:.2f}")
+        v, v0 = m.get("answer_words"), m0.get("answer_words")
+        if v is not None and v0 and not (1 / rules.words_factor <= v / v0 <= rules.words_factor):
+            c_reasons.append(f"answer length {v0:.1f} -> {v:.1f} words")
+    v, v0 = m.get("fluency"), m0.get("fluency")
+    if v is not None and v0:
+        rec["fluency"] = v
+        if (v0 - v) / abs(v0) >= rules.fluency_drop:
+            c_reasons.append(f"fluency {v0:.2f} -> {v:.2f}")
+    if "confident_wrong_rate" not in rec and m.get("confident_wrong_rate") is not None:
+        rec["confident_wrong_rate"] = m["confident_wrong_rate"]
+    rec["stage"] = "A" if g == 0 else "C" if c_reasons else "B" if b_reasons else "A"
+    rec["reasons"] = c_reasons if rec["stage"] == "C" else b_reasons if rec["stage"] == "B" else []
+    return rec
+
+
+def onset(gens: list[int], flags: list[bool], persist: int) -> int | None:
+    """First generation from which `flags` holds for `persist` entries in a row (fewer at the end)."""
+    for i, flag in enumerate(flags):
+        window = flags[i:i + persist]
+        if flag and all(window):
+            return gens[i]
+    return None
+
+
+def _model_centric(df: pd.DataFrame, arm: str, rules: StageRules) -> dict:
+    """Model-centric metrics of an arm (reported beside) and the first generation one of them warns."""
+    series, warn_at = {}, {}
+    for metric, change in rules.model_signals.items():
+        s = _metric(df, arm, metric, None, rules.model_subject)
+        if s.empty:
+            s = _metric(df, arm, metric, None, None)
+        if s.empty:
+            continue
+        series[metric] = {int(g): float(v) for g, v in s.items()}
+        base = s.iloc[0]
+        rel = (s - base) / abs(base) if base else s - base
+        flags = list((rel >= change) if change > 0 else (rel <= change))
+        g = onset([int(x) for x in s.index], [bool(f) and int(x) > s.index[0] for f, x in zip(flags, s.index)],
+                  rules.persist)
+        if g is not None:
+            warn_at[metric] = g
+    first = min(warn_at.values()) if warn_at else None
+    return {"metrics": series, "warnings": warn_at, "warning_generation": first}
+
+
+def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path | None = None) -> dict:
+    """The stages.json content for a run directory (nothing is written)."""
+    run_dir = Path(run_dir)
+    rules = cfg if cfg is not None else load_rules(run_dir, rules_file)
+    df = load_metrics(run_dir)
+    files = answer_files(run_dir)
+    arms = list(dict.fromkeys(list(df["arm"]) + [a for a, _, _ in files]))
+    result: dict[str, Any] = {"run": run_dir.name, "rules": rules.model_dump(), "arms": {}}
+    all_gens: set[int] = set()
+    for arm in arms:
+        adf = df[df["arm"] == arm]
+        formats = list(dict.fromkeys([f for f in adf["format"] if f is not None] + [f for a, _, f in files if a == arm]))
+        formats.sort(key=lambda f: PAPER_FORMATS.index(f) if f in PAPER_FORMATS else len(PAPER_FORMATS))
+        model = _model_centric(df, arm, rules)
+        arm_out: dict[str, Any] = {"model_centric": model, "formats": {}}
+        for fmt in formats:
+            gens = sorted(set(adf.loc[adf["format"] == fmt, "generation"]) | {g for a, g, f in files if a == arm and f == fmt})
+            all_gens.update(gens)
+            fdf = adf[adf["format"] == fmt]
+            fdf = fdf[fdf["subject"].isna()] if rules.subject is None else fdf[fdf["subject"] == rules.subject]
+            table = fdf.pivot_table(index="generation", columns="metric", values="value", aggfunc="last")
+            mvals = {g: ({k: float(v) for k, v in table.loc[g].dropna().items()} if g in table.index else {}) for g in gens}
+            fluency = _metric(df, arm, "fluency", None, None)
+            for g in gens:
+                if "fluency" not in mvals[g] and g in fluency.index and "fluency" not in table.columns:
+                    mvals[g]["fluency"] = float(fluency[g])
+            base = answers_frame(files[(arm, 0, fmt)], rules) if (arm, 0, fmt) in files else None
+            chance = rules.chance if rules.chance is not None else 0.25
+            points = []
+            if 0 not in gens:
+                arm_out["formats"][fmt] = {"error": "no generation-0 baseline", "generations": gens,
+                                           "stages": "?" * len(gens), "onset_B": None, "onset_C": None}
+                continue
+            for g in gens:
+                boot = None
+                if base is not None and not base.empty and (arm, g, fmt) in files:
+                    cur = answers_frame(files[(arm, g, fmt)], rules)
+                    if not cur.empty and len(cur.index.intersection(base.index)):
+                        boot = _paired_bootstrap(cur, base, rules, seed=g)
+                        chance = boot["chance"]
+                points.append(_classify_point(g, boot, mvals[g], mvals[0], rules, chance))
+            letters = [p["stage"] for p in points]
+            on_b = onset(gens, [STAGE_RANK[s] >= 1 for s in letters], rules.persist)
+            on_c = onset(gens, [s == "C" for s in letters], rules.persist)
+            drop = min([g for g in (on_b, on_c) if g is not None], default=None)
+            warn = model["warning_generation"]
+            arm_out["formats"][fmt] = {
+                "baseline": {"accuracy": points[0].get("accuracy"), "chance": chance, "n": points[0].get("n")},
+                "generations": points,
+                "stages": "".join(letters),
+                "onset_B": on_b,
+                "onset_C": on_c,
+                "task_drop_generation": drop,
+                "lead_time": (drop - warn) if drop is not None and warn is not None else None,
+            }
+        result["arms"][arm] = arm_out
+    all_gens.update(int(g) for g in df["generation"])
+    result["last_generation"] = max(all_gens) if all_gens else None
+    return result
+
+
+def onset_text(value: int | None, last: int | None) -> str:
+    return f"gen {value}" if value is not None else f"not reached by {last}"
+
+
+def _plain(text):
+    """A name from a file, printed as itself: no rich markup, no terminal escapes."""
+    from rich.text import Text
+
+    return Text(sanitize_terminal(text, 200))
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    last = result.get("last_generation")
+    colors = {"A": "green", "B": "yellow", "C": "red", "?": "dim"}
+    table = Table(title=_plain(f"stages of {result['run']}"),
+                  caption="A preserved · B knowledge collapse · C instruction-following collapse · lead = "
+                          "task-centric drop - model-centric warning (generations)")
+    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset", "model warn", "lead"]:
+        table.add_column(col, no_wrap=col.startswith("gen"), overflow="fold")
+    for arm, a in result["arms"].items():
+        warn = a["model_centric"]["warning_generation"]
+        for fmt, f in a["formats"].items():
+            gens = [p["generation"] for p in f["generations"]] if "error" not in f else f["generations"]
+            by_gen = dict(zip(gens, f["stages"]))
+            cells = Text()
+            for g in range(0, (last or 0) + 1):
+                s = by_gen.get(g, "·")
+                cells.append(s, style=colors.get(s, "dim"))
+            lead = f.get("lead_time")
+            b_on, c_on = (f["error"], "") if "error" in f else (onset_text(f["onset_B"], last), onset_text(f["onset_C"], last))
+            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, "-" if warn is None else f"gen {warn}",
+                          "-" if lead is None else f"{lead:+d}")
+        if not a["formats"]:
+            table.add_row(_plain(arm), "(no task metrics)", "", "", "", "-" if warn is None else f"gen {warn}", "")
+    Console().print(table)
+
+
+def stages_command(run_dir: Path, rules_file: Path | None = None) -> dict:
+    """`kcollapse stages RUN_DIR`: classify, write RUN_DIR/stages.json, print the table."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run directory not found")
+    result = classify_run(run_dir, rules_file=rules_file)
+    atomic_write_json(run_dir / "stages.json", result)
+    print_table(result)
+    return result

@@ -1,0 +1,127 @@
+"""The report: hostile model text is escaped, figures are embedded, the page renders; compare overlays runs."""
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+from kc_fixture_runs import NOISY, NOISY_MODEL, make_run  # noqa: E402
+
+from kcollapse.errors import UserError  # noqa: E402
+from kcollapse.report import compare_command, esc, write_report  # noqa: E402
+
+HUGE = "x" * 2_000_000
+HOSTILE = ["<script>alert('pwned')</script>", "bell\x07 nul\x00 esc\x1b[31m", "lone \ud800 surrogate",
+           "bidi \u202eevil", HUGE, "</pre></details><img src=http://evil/x.png onerror=alert(1)>"]
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.imgs, self.urls = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        attrs = dict(attrs)
+        if tag == "img":
+            self.imgs.append(attrs.get("src", ""))
+        for key in ("src", "href"):
+            if attrs.get(key) and not attrs[key].startswith(("data:", "#")):
+                self.urls.append(attrs[key])
+
+
+def _hostile_run(tmp_path):
+    run = make_run(tmp_path / "run", NOISY, model=NOISY_MODEL, n_questions=40,
+                   synthetic_texts={("alpha_1.0", g): (HOSTILE * 2)[2 * g % 6:][:6] for g in range(8)},  # 2 shown per gen
+                   extra_config="# <script>config</script>\n")
+    # the model's own free-text answers are hostile too (written with lone surrogates escaped, as kcollapse.io does)
+    for path in run.glob("arms/alpha_1.0/gen_*/answers/*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r, text in zip(rows, [t if t is not HUGE else "y" * 20_000 for t in HOSTILE] * 10):
+            r["answer_text"] = text
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_esc():
+    assert esc("<script>") == "&lt;script&gt;"
+    assert "&lt;U+0007&gt;" in esc("a\x07b") and "&lt;U+D800&gt;" in esc("a\ud800b")
+    assert "&lt;U+202E&gt;" in esc("\u202e") and esc("line\nnext\ttab") == "line\nnext\ttab"
+    out = esc(HUGE, limit=100)
+    assert len(out) < 300 and "truncated: 2,000,000 characters" in out
+    assert esc(None).startswith("<span")
+    assert esc('"quote" & \'single\'') == "&quot;quote&quot; &amp; &#x27;single&#x27;"
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory):
+    run = _hostile_run(tmp_path_factory.mktemp("hostile"))
+    return run, write_report(run)
+
+
+def test_report_escapes_hostile_text_and_embeds_figures(hostile_report):
+    run, path = hostile_report
+    assert path == run / "report.html"
+    raw = path.read_bytes()
+    text = raw.decode("utf-8")  # valid UTF-8: lone surrogates were made visible, not written
+    assert len(raw) < 3_000_000  # the 2 MB lines were cut
+    page = Page()
+    page.feed(text)
+    assert "script" not in page.tags  # neither ours nor the model's
+    assert not page.urls  # nothing to fetch: readable offline
+    assert len(page.imgs) >= 2 and all(s.startswith("data:image/png;base64,") for s in page.imgs)
+    for src in page.imgs:
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in text
+    assert "&lt;script&gt;config&lt;/script&gt;" in text
+    assert "&lt;U+0007&gt;" in text and "&lt;U+D800&gt;" in text and "&lt;U+202E&gt;" in text
+    assert "truncated: 2,000,000 characters" in text and "truncated: 20,000 characters" in text
+    assert "\x00" not in text and "\x07" not in text and "\u202e" not in text
+    for section in ["Stages", "Curves per arm", "Answers to chosen questions", "Synthetic training text", "Config"]:
+        assert section in text
+    assert {p.name for p in (run / "figures").glob("*.png")} == {"timeline.png", "arm_alpha_1.0.png"}
+    assert json.loads((run / "stages.json").read_text())["arms"]
+
+
+def test_report_on_missing_dir():
+    with pytest.raises(UserError, match="not found"):
+        write_report(Path("/nonexistent/run"))
+
+
+def test_compare_overlays_runs(tmp_path):
+    a = make_run(tmp_path / "a" / "run", NOISY, model=NOISY_MODEL, n_questions=40)
+    b = make_run(tmp_path / "b" / "run", {"alpha_0.5": NOISY["alpha_1.0"]}, n_questions=40, answers=False, seed=1)
+    out = tmp_path / "cmp"
+    compare_command([a, b], out)
+    df = pd.read_csv(out / "comparison.csv")
+    assert set(df["run"]) == {"a/run", "b/run"}  # same directory names: parents disambiguate
+    assert {"run", "arm", "generation", "metric", "value", "format", "subject", "stage"} <= set(df.columns)
+    acc = df[(df["metric"] == "accuracy") & (df["format"] == "multiple_choice") & df["subject"].isna()]
+    assert "".join(acc[acc["run"] == "a/run"].sort_values("generation")["stage"]) == "AAABABBB"
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    assert "script" not in page.tags and len(page.imgs) == 1 and (out / "figures" / "comparison.png").is_file()
+    with pytest.raises(UserError):
+        compare_command([tmp_path / "missing"], out)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+def test_page_renders_in_chromium(hostile_report, tmp_path):
+    run, path = hostile_report
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
+                    path.resolve().as_uri()], capture_output=True, timeout=90)
+    assert shot.is_file() and shot.stat().st_size > 50_000  # a page with figures, not a blank one
+    from PIL import Image
+
+    colors = Image.open(shot).convert("RGB").resize((64, 100)).getcolors(10_000)
+    assert colors is not None and len(colors) > 20

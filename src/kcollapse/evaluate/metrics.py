@@ -1,0 +1,136 @@
+"""Task-centric metrics: per-question records in, metric rows out.
+
+Every metric is a plain function of the records (the same ones written to answers/*.jsonl), so anyone can
+recompute it with pandas. The paper's stage B (knowledge collapse) shows as `accuracy` falling while
+`format_adherence` holds; `greedy_rate`, `max_freq`, `confidence` and `ece` tell how the model is failing
+(confidently, or by drifting to one option). Definitions:
+
+- `accuracy`: share correct; `accuracy_norm` (loglik scoring): share correct by the byte-normalised score.
+- `greedy_rate`: of the correct answers, the share whose chosen option is greedy (as the paper).
+- `max_freq`: share of questions answered with the most often predicted option index.
+- `confidence`: mean of max score / sum of scores; `confident_wrong_rate`: share of all questions answered wrongly
+  with confidence >= 0.5; `ece`: expected calibration error over 10 equal-width confidence bins.
+- Free text: `judged_accuracy` (the judged option is the correct one; an unjudged answer is wrong),
+  `embedding_accuracy`, `judge_mean` (1-3), `answer_words`, `answer_repetition` (share of repeated word 4-grams),
+  `format_adherence` (non-empty, names an option or its letter within the first 5 words, not degenerate).
+
+A metric that is undefined for a group (no correct answers for `greedy_rate`, no free text) gives no row.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from kcollapse.evaluate.textstats import repetition, words
+
+ECE_BINS = 10
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def accuracy(records: list[dict]) -> float | None:
+    return _mean([bool(r["is_correct"]) for r in records])
+
+
+def accuracy_norm(records: list[dict]) -> float | None:
+    norm = [r for r in records if r.get("predicted_index_norm") is not None]
+    return _mean([r["predicted_index_norm"] == r["correct_index"] for r in norm]) if norm else None
+
+
+def greedy_rate(records: list[dict]) -> float | None:
+    correct = [r for r in records if r["is_correct"]]
+    return _mean([bool(r["is_greedy"][r["predicted_index"]]) for r in correct])
+
+
+def max_freq(records: list[dict]) -> float | None:
+    counts = Counter(r["predicted_index"] for r in records)
+    return max(counts.values()) / len(records) if records else None
+
+
+def confidence(records: list[dict]) -> float | None:
+    return _mean([r["confidence"] for r in records])
+
+
+def confident_wrong_rate(records: list[dict], threshold: float = 0.5) -> float | None:
+    return _mean([(not r["is_correct"]) and r["confidence"] >= threshold for r in records])
+
+
+def ece(records: list[dict], bins: int = ECE_BINS) -> float | None:
+    if not records:
+        return None
+    groups: dict[int, list[dict]] = {}
+    for r in records:
+        groups.setdefault(min(int(r["confidence"] * bins), bins - 1), []).append(r)
+    return sum(len(g) / len(records) * abs(accuracy(g) - confidence(g)) for g in groups.values())
+
+
+def _answered(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("answer_text") is not None]
+
+
+def judged_accuracy(records: list[dict]) -> float | None:
+    return _mean([r.get("judged_index") == r["correct_index"] for r in _answered(records)])
+
+
+def embedding_accuracy(records: list[dict]) -> float | None:
+    rated = [r for r in _answered(records) if "embedding_index" in r]
+    return _mean([r["embedding_index"] == r["correct_index"] for r in rated])
+
+
+def judge_mean(records: list[dict]) -> float | None:
+    return _mean([r["judge_score"] for r in records if r.get("judge_score") is not None])
+
+
+def answer_words(records: list[dict]) -> float | None:
+    return _mean([len(words(r["answer_text"])) for r in _answered(records)])
+
+
+def answer_repetition(records: list[dict]) -> float | None:
+    return _mean([repetition(r["answer_text"]) for r in _answered(records)])
+
+
+def format_adherence(records: list[dict]) -> float | None:
+    return _mean([bool(r.get("format_adherent")) for r in _answered(records)])
+
+
+def is_degenerate(text: str) -> bool:
+    """Mostly repeated 4-grams, or mostly not letters, digits and spaces."""
+    useful = sum(ch.isalnum() or ch.isspace() for ch in text)
+    return repetition(text) > 0.5 or useful < 0.5 * len(text)
+
+
+def adheres(answer: str | None, mention_position: int | None, max_words: int = 5) -> bool | None:
+    if answer is None:
+        return None
+    return bool(answer.strip()) and mention_position is not None and mention_position < max_words and not is_degenerate(answer)
+
+
+TASK_METRICS = {
+    "accuracy": accuracy, "accuracy_norm": accuracy_norm, "greedy_rate": greedy_rate, "max_freq": max_freq,
+    "confidence": confidence, "confident_wrong_rate": confident_wrong_rate, "ece": ece,
+    "judged_accuracy": judged_accuracy, "embedding_accuracy": embedding_accuracy, "judge_mean": judge_mean,
+    "answer_words": answer_words, "answer_repetition": answer_repetition, "format_adherence": format_adherence,
+}
+
+
+def groups(records: list[dict]) -> dict[str | None, list[dict]]:
+    """None: all records; each subject; `split:<name>` for each benchmark split."""
+    out: dict[str | None, list[dict]] = {None: records}
+    for r in records:
+        out.setdefault(r["subject"], []).append(r)
+    for r in records:
+        if r.get("split"):
+            out.setdefault(f"split:{r['split']}", []).append(r)
+    return out
+
+
+def task_metric_rows(records: list[dict], fmt: str) -> list[dict]:
+    rows = []
+    for subject, group in groups(records).items():
+        for name, fn in TASK_METRICS.items():
+            value = fn(group)
+            if value is not None:
+                rows.append({"metric": name, "value": float(value), "format": fmt, "subject": subject})
+    return rows

@@ -1,0 +1,385 @@
+"""`kcollapse sweep`: a grid of configs x seeds, each an ordinary resumable run, as Ray tasks; then the summary.
+
+    kcollapse sweep CONFIG --grid arms.0.synthetic_ratio=0.5,1.0 --seeds 3 [--address ADDR] [--cpus-per-trial K]
+
+Every grid point x seed is a run directory SWEEP/trials/<point>__seed<k>/ (the point named from its grid values,
+as Ray Tune names trials: `synthetic_ratio=0.5,lr=0.001`), made by `run_experiment` from
+`load_config(CONFIG, overrides=[grid values..., seed=k, threads=K])`. Ray schedules the tasks (locally by default,
+all cores; `--address` joins a cluster); there is no scheduler here. The whole grid is validated before anything
+starts: a bad value is one error line and nothing is written. Re-running the command keeps finished trials
+(state.json says complete) and lets the others resume by themselves. Then SWEEP/summary.csv (one row per trial,
+arm and generation), SWEEP/resistance.json (resistance.py per grid point, seeds paired) and SWEEP/report.html.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from kcollapse import resistance
+from kcollapse.config import ExperimentConfig, load_config
+from kcollapse.errors import UserError
+from kcollapse.io import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class Trial:
+    name: str
+    point: str
+    values: dict  # grid key -> value as given
+    seed: int
+    cfg: ExperimentConfig = field(repr=False)
+    dir: Path
+    overrides: list[str] = field(default_factory=list)
+
+
+def parse_grid(grid: list[str]) -> list[tuple[str, list[str]]]:
+    """['key.path=v1,v2', ...] -> [(key, [v1, v2])]; commas inside [] or {} belong to the value."""
+    out = []
+    for item in grid:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--grid {item}: expected key.path=v1,v2,...")
+        values, depth, cur = [], 0, ""
+        for ch in raw:
+            depth += (ch in "[{") - (ch in "]}")
+            if ch == "," and depth == 0:
+                values.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        values.append(cur.strip())
+        if any(v == "" for v in values):
+            raise UserError(f"--grid {item}: an empty value; expected key.path=v1,v2,...")
+        if key in [k for k, _ in out]:
+            raise UserError(f"--grid {key}: given twice; put all its values in one --grid")
+        if key == "seed":
+            raise UserError("--grid seed: use --seeds N (seeds are paired across grid points)")
+        out.append((key, values))
+    return out
+
+
+def _point_name(values: dict) -> str:
+    if not values:
+        return "base"
+    leaves = [k.rsplit(".", 1)[-1] for k in values]
+    labels = [leaf if leaves.count(leaf) == 1 else k for leaf, k in zip(leaves, values)]
+    return ",".join(f"{label}={re.sub(r'[^A-Za-z0-9._-]+', '_', str(v)).strip('_') or '_'}"
+                    for label, v in zip(labels, values.values()))
+
+
+def plan(config: Path, grid: list[str], seeds: int, cpus_per_trial: int, out: Path) -> list[Trial]:
+    """Every trial's config, validated; nothing is written."""
+    from kcollapse.loop import check_run_dir
+
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: expected 1 or more")
+    if cpus_per_trial < 1:
+        raise UserError(f"--cpus-per-trial {cpus_per_trial}: expected 1 or more")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; expected a sweep directory")
+    axes = parse_grid(grid)
+    load_config(config)  # the base config's own errors first, named as such
+    trials, names = [], {}
+    for combo in itertools.product(*[values for _, values in axes]):
+        values = {k: v for (k, _), v in zip(axes, combo)}
+        point = _point_name(values)
+        if names.setdefault(point, combo) != combo:
+            raise UserError(f"--grid: values {names[point]} and {combo} give the same trial name '{point}'")
+        for k in range(seeds):
+            overrides = [f"{key}={v}" for key, v in values.items()] + [f"seed={k}", f"threads={cpus_per_trial}"]
+            try:
+                cfg = load_config(config, overrides=overrides)
+            except UserError as e:
+                raise UserError(f"--grid {point}: {str(e).removeprefix('--set').lstrip(': ')}") from None
+            trial = Trial(f"{point}__seed{k}", point, values, k, cfg, out / "trials" / f"{point}__seed{k}", overrides)
+            try:
+                check_run_dir(cfg, trial.dir)
+            except UserError as e:
+                raise UserError(f"trial {trial.name}: {e}") from None
+            trials.append(trial)
+    return trials
+
+
+def finished(trial_dir: Path) -> bool:
+    try:
+        return json.loads((Path(trial_dir) / "state.json").read_text()).get("complete") is True
+    except (OSError, ValueError):
+        return False
+
+
+def run_trial(cfg: ExperimentConfig, trial_dir: str, cwd: str) -> str:
+    """One Ray task: an ordinary run (resumes by itself), from the driver's working directory."""
+    import torch
+
+    from kcollapse.loop import run_experiment
+
+    if os.path.isdir(cwd):  # relative paths in the config mean what they mean for the user
+        os.chdir(cwd)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_experiment(cfg, trial_dir)
+    return trial_dir
+
+
+def warm_organism(cfg: ExperimentConfig, threads: int) -> str:
+    """One Ray task per organism config before the trials: the world and its gen-0 model are built once, not by
+    every trial at the same time into the same cache."""
+    import torch
+
+    from kcollapse import organism
+
+    torch.set_num_threads(threads)
+
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else organism.default_cache_dir()
+    return str(organism.ensure_gen0(cfg.organism, cache, organism.build_world(cfg.organism, cache)))
+
+
+def run_on_ray(trials: list[Trial], address: str | None, cpus_per_trial: int, before_start=None) -> list[tuple[Trial, str]]:
+    """Submit the unfinished trials as Ray tasks and wait; (trial, error line) of those that failed."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("kcollapse sweep needs Ray: pip install 'kcollapse[sweep]'") from None
+    started = not ray.is_initialized()
+    if started:
+        if not address:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        else:
+            try:
+                ray.init(address=address)
+            except Exception as e:  # unreachable, malformed, version mismatch: all the user's to fix
+                first = (str(e).strip().splitlines() or [""])[0][:120]
+                raise UserError(f"--address {address}: cannot join a Ray cluster ({type(e).__name__}: {first})") from None
+    pending, failures = {}, []
+    try:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        node_cpus = max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [0])
+        if cpus_per_trial > node_cpus:  # a task must fit on one node, or it waits forever
+            raise UserError(f"--cpus-per-trial {cpus_per_trial}: the largest Ray node has {node_cpus:g} CPUs")
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if before_start:
+            before_start(cpus)
+        warm = {(t.cfg.organism.model_dump_json(), t.cfg.cache_dir): t.cfg for t in trials if t.cfg.model == "organism"}
+        try:
+            n = max(cpus_per_trial, int(min(node_cpus, cpus // max(1, len(warm)))))
+            ray.get([ray.remote(warm_organism).options(num_cpus=n).remote(c, n) for c in warm.values()])
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause if isinstance(e.cause, UserError) else e) from None
+        task = ray.remote(run_trial)
+        for t in trials:
+            opts = {"num_cpus": cpus_per_trial, "num_gpus": 1 if gpus and t.cfg.device != "cpu" else 0}
+            pending[task.options(**opts).remote(t.cfg, str(t.dir.resolve()), os.getcwd())] = t
+        n = len(pending)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            t = pending.pop(ref)
+            try:
+                ray.get(ref)
+                print(f"trial {t.name}: done ({n - len(pending)}/{n})", flush=True)
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                line = (str(cause).strip().splitlines() or [""])[0][:300]
+                line = line if isinstance(cause, UserError) else f"{type(cause).__name__}: {line}"
+                failures.append((t, line))
+                print(f"trial {t.name}: FAILED: {line[:300]}", flush=True)
+    finally:
+        for ref in pending:  # interrupted: stop what still runs (the runs resume next time)
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+    return failures
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+MODEL_METRICS = ["perplexity_heldout", "perplexity", "entropy", "distinct_1", "distinct_2", "repetition_rate",
+                 "train_tokens"]
+
+
+def summary_frame(trials: list[Trial]) -> pd.DataFrame:
+    """One row per trial x arm x generation: grid values, seed, accuracy per format (all questions, held-out split,
+    each arm domain's subject) and the model-centric metrics."""
+    frames = []
+    for t in trials:
+        if not (t.dir / "metrics.jsonl").is_file():
+            continue
+        m = resistance.load_metrics(t.dir)
+        if m.empty:
+            continue
+        domains = sorted({a.domain for a in t.cfg.arms if a.domain})
+        acc = m[(m.metric == "accuracy") & m.format.notna()]
+        cols = [(acc.subject.isna(), "accuracy/"), (acc.subject == "split:heldout", "accuracy_heldout/")]
+        cols += [(acc.subject == d, f"accuracy_{d}/") for d in domains]
+        parts = [acc[sel].assign(column=prefix + acc[sel].format) for sel, prefix in cols]
+        model = m[m.metric.isin(MODEL_METRICS) & m.format.isna() & m.subject.isna()]
+        parts.append(model.assign(column=model.metric))
+        wide = pd.concat(parts).pivot_table(index=["arm", "generation"], columns="column", values="value", aggfunc="last")
+        wide = wide.reset_index()
+        arms = {a.name: a for a in t.cfg.arms}
+        head = {"trial": t.name, **{k: yaml.safe_load(v) for k, v in t.values.items()}, "seed": t.seed,
+                "complete": finished(t.dir)}
+        wide.insert(1, "domain", [arms[a].domain if a in arms else None for a in wide.arm])
+        wide.insert(1, "synthetic_ratio", [arms[a].synthetic_ratio if a in arms else None for a in wide.arm])
+        for i, (k, v) in enumerate(head.items()):
+            wide.insert(i, k, [v] * len(wide))
+        frames.append(wide)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["trial", "seed", "arm", "generation"])
+
+
+def resistance_by_point(trials: list[Trial], **kw) -> dict:
+    """resistance.summarise over each grid point's seeds (paired: each trial holds both arms)."""
+    points: dict[str, list[Trial]] = {}
+    for t in trials:
+        if (t.dir / "metrics.jsonl").is_file():
+            points.setdefault(t.point, []).append(t)
+    out = {}
+    for point, ts in points.items():
+        summary = resistance.summarise_runs([t.dir for t in ts], seeds=[t.seed for t in ts], **kw)
+        out[point] = {"values": ts[0].values, "trials": [t.name for t in ts], **summary}
+    return out
+
+
+def dose_response(points: dict) -> list[dict]:
+    """Retention at the last generation (mean over formats) against each arm's synthetic ratio."""
+    rows = []
+    for point, p in points.items():
+        others = {k: v for k, v in p["values"].items() if not k.endswith("synthetic_ratio")}
+        tag = "".join(f", {k.rsplit('.', 1)[-1]}={v}" for k, v in others.items())
+        for arm, fmts in p["regimes"].items():
+            a = p["arms"].get(arm, {})
+            if "all" in fmts:
+                rows.append({"point": point, "arm": arm, "series": ("general" if not a.get("domain") else f"domain {a['domain']}")
+                             + " arm, all subjects" + tag, "synthetic_ratio": a.get("synthetic_ratio"), **fmts["all"]})
+        for c in p["comparisons"]:
+            for arm in (c["domain_arm"], c["general_arm"]):
+                r = c["regimes"][arm].get("all")
+                if r:
+                    kind = "domain" if arm == c["domain_arm"] else "general"
+                    rows.append({"point": point, "arm": arm, "series": f"{kind} arm on {c['domain']}{tag}",
+                                 "synthetic_ratio": p["arms"][arm]["synthetic_ratio"], **r})
+    return rows
+
+
+def sweep_command(config: Path, grid: list[str], seeds: int, address: str | None, cpus_per_trial: int, out: Path) -> dict:
+    config, out = Path(config), Path(out)
+    trials = plan(config, grid, seeds, cpus_per_trial, out)
+    todo = [t for t in trials if not finished(t.dir)]
+
+    def write_plan(cpus=None):
+        where = f" on Ray ({cpus:g} CPUs, {cpus_per_trial} per trial)" if cpus is not None else ""
+        print(f"sweep: {len(trials)} trial(s), {len(trials) - len(todo)} finished, {len(todo)} to run{where} -> {out}",
+              flush=True)
+        atomic_write_json(out / "sweep.json", {
+            "config": str(config.resolve()), "config_text": config.read_text(encoding="utf-8"), "grid": parse_grid(grid),
+            "seeds": seeds, "cpus_per_trial": cpus_per_trial,
+            "trials": [{"name": t.name, "point": t.point, "values": t.values, "seed": t.seed, "overrides": t.overrides}
+                       for t in trials]})
+
+    failures = run_on_ray(todo, address, cpus_per_trial, before_start=write_plan) if todo else []
+    if not todo:
+        write_plan()
+    result = summarise(trials, out)
+    if failures:
+        t, line = failures[0]
+        raise UserError(f"{len(failures)} of {len(todo)} trial(s) failed (first: {t.name}: {line}); the others are "
+                        f"summarised in {out}; run the same command again to resume the failed ones")
+    return result
+
+
+def load_trials(sweep_dir: Path) -> list[Trial]:
+    """The trials of SWEEP/sweep.json, their configs rebuilt from the config text saved there."""
+    from kcollapse.config import apply_overrides, validate
+
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {sweep_dir} a kcollapse sweep directory?")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    base = validate(yaml.safe_load(spec["config_text"]) or {}, spec["config"]).model_dump(mode="json")
+    return [Trial(t["name"], t["point"], t["values"], t["seed"], validate(apply_overrides(base, t["overrides"]), str(path)),
+                  Path(sweep_dir) / "trials" / t["name"], t["overrides"]) for t in spec["trials"]]
+
+
+def report_sweep(sweep_dir: Path) -> dict:
+    """Summary, resistance.json and report.html of a sweep directory again, without running anything."""
+    return summarise(load_trials(sweep_dir), Path(sweep_dir))
+
+
+def summarise(trials: list[Trial], out: Path) -> dict:
+    """Write summary.csv, resistance.json and report.html for the trials that have metrics; print the factors."""
+    atomic_write_text(out / "summary.csv", summary_frame(trials).to_csv(index=False))
+    points = resistance_by_point(trials)
+    result = {"points": points, "dose_response": dose_response(points)}
+    atomic_write_json(out / "resistance.json", result)
+    for point, p in points.items():
+        for line in resistance.lines(p, f"[{point}] " if len(points) > 1 else ""):
+            print(line)
+    path = write_report(out, trials, result)
+    print(f"wrote {out / 'summary.csv'}, {out / 'resistance.json'} and {path}")
+    return result
+
+
+def dose_figure(rows: list[dict]) -> bytes:
+    """PNG: retention at the last generation against the synthetic ratio, one line per series, seeds' range as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    df = pd.DataFrame(rows).dropna(subset=["synthetic_ratio", "retention"])
+    for series, s in df.groupby("series", sort=True):
+        s = s.sort_values("synthetic_ratio")
+        seeds = [np.array([x for x in p if x is not None] or [np.nan], float) for p in s["per_seed"]]
+        err = [s["retention"] - [np.nanmin(p) for p in seeds], [np.nanmax(p) for p in seeds] - s["retention"]]
+        ax.errorbar(s["synthetic_ratio"], s["retention"], yerr=np.clip(np.nan_to_num(err), 0, None), marker="o",
+                    capsize=3, label=series)
+    ax.axhline(0.8, color="k", ls="--", lw=1)
+    ax.axhline(0.6, color="k", ls=":", lw=1)
+    ax.set(xlabel="synthetic ratio (alpha)", ylabel="retention at last generation", title="dose-response")
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(out: Path, trials: list[Trial], result: dict) -> Path:
+    """SWEEP/report.html: self-contained (figures base64), every text escaped."""
+    import base64
+
+    from kcollapse.report import _page, esc
+
+    done = sum(finished(t.dir) for t in trials)
+    parts = [f"<h1>Sweep report: {esc(out.resolve().name)}</h1><p class='meta'>{len(trials)} trial(s), {done} finished; "
+             f"grid points: {esc(', '.join(dict.fromkeys(t.point for t in trials)))}; seeds per point: "
+             f"{len({t.seed for t in trials})} (paired: each trial holds every arm)</p>", "<h2>Resistance factor</h2>"]
+    for point, p in result["points"].items():
+        parts.append(f"<h3>{esc(point)}</h3>" + resistance.html_section(p, f"{point}: "))
+    rows = result["dose_response"]
+    parts.append("<h2>Dose-response</h2>")
+    if rows:
+        png = base64.b64encode(dose_figure(rows)).decode()
+        parts.append(f"<img alt='dose-response' src='data:image/png;base64,{png}'><table><tr><th>point</th><th>series"
+                     "</th><th>arm</th><th>synthetic ratio</th><th>retention (mean over formats)</th><th>per seed</th>"
+                     "<th>regime</th></tr>" + "".join(
+                         "<tr>" + "".join(f"<td>{esc(str(x))}</td>" for x in (
+                             r["point"], r["series"], r["arm"], r["synthetic_ratio"], resistance._r(r["retention"]),
+                             ", ".join(resistance._r(v) for v in r["per_seed"]), r["regime"])) + "</tr>" for r in rows)
+                     + "</table>")
+    parts.append("<h2>Trials</h2><table><tr><th>trial</th><th>seed</th><th>status</th><th>run report</th></tr>" + "".join(
+        f"<tr><td>{esc(t.name)}</td><td>{t.seed}</td><td>{'complete' if finished(t.dir) else 'unfinished'}</td>"
+        f"<td>{esc(str(t.dir.relative_to(out)) + '/report.html')}</td></tr>" for t in trials) + "</table>")
+    path = out / "report.html"
+    atomic_write_text(path, _page(f"kcollapse sweep · {out.resolve().name}", "\n".join(parts)))
+    return path

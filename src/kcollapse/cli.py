@@ -28,24 +28,71 @@ DEBUG = typer.Option(False, "--debug", help="Show full tracebacks instead of one
 
 
 def friendly(func):
-    """Turn UserError into one line + exit 2, Ctrl-C into a resume hint + exit 130."""
+    """Turn UserError into one line + exit 2, Ctrl-C into a resume hint + exit 130, an OS error (disk full,
+    permission denied) into one line + exit 1. Printed text is sanitised: it may quote a model's or a user's text."""
 
     @functools.wraps(func)
     def wrapper(*args, debug: bool = False, **kwargs):
+        from kcollapse.io import sanitize_terminal
+
         try:
             return func(*args, **kwargs)
         except UserError as e:
             if debug:
                 raise
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {sanitize_terminal(e)}", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             hint = getattr(wrapper, "resume_hint", "")
-            typer.echo(f"\ninterrupted. {hint}".rstrip(), err=True)
+            typer.echo(f"\ninterrupted. {sanitize_terminal(hint)}".rstrip(), err=True)
             raise typer.Exit(130)
+        except OSError as e:
+            if debug:
+                raise
+            import errno
+
+            where = f"{e.filename}: " if e.filename else ""
+            mid_run = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # disk full: free space, then resume
+            hint = getattr(wrapper, "resume_hint", "") if mid_run else ""
+            msg = f"error: {where}{e.strerror or e} (use --debug for the traceback). {hint}".rstrip()
+            typer.echo(sanitize_terminal(" ".join(msg.split())), err=True)
+            raise typer.Exit(1)
 
     wrapper.__signature__ = _with_debug(func)
     return wrapper
+
+
+def _check_out_dir(out: Path) -> None:
+    """--out must be a directory or creatable as one: refuse a file (or a file on the way) before any work."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; expected a run directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file; expected a directory path")
+            break
+
+
+class _sigterm_as_interrupt:
+    """A scheduler's SIGTERM (job time limit, preemption) stops a run as cleanly as Ctrl-C, while the run lasts."""
+
+    def __enter__(self):
+        import signal
+
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+
+        try:
+            self.previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: leave the default
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _with_debug(func):
@@ -70,11 +117,17 @@ def run(
     from kcollapse.config import load_config
     from kcollapse.loop import run_experiment
 
+    from kcollapse.io import RunLock
+
     cfg = load_config(config, set_ or [], preset)
     name = config.stem if config is not None else (preset or "default")
     out = out or Path("runs") / name
+    _check_out_dir(out)
+    if out.is_dir():
+        RunLock(out).check()  # a live run here: refuse now, not after loading the model
     run.resume_hint = f"Run the same command again to resume from the last finished step in {out}."
-    run_experiment(cfg, out)
+    with _sigterm_as_interrupt():
+        run_experiment(cfg, out)
 
 
 @app.command()
@@ -112,11 +165,14 @@ def eval_(
 
 @app.command()
 @friendly
-def stages(run_dir: Path = typer.Argument(..., help="A run directory.")):
+def stages(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    rules: Optional[Path] = typer.Option(None, "--rules", help="YAML of stage-rule thresholds (see `stages:` in the config)."),
+):
     """Classify every arm x format x generation into stage A, B or C; writes RUN_DIR/stages.json."""
     from kcollapse.stages import stages_command
 
-    stages_command(run_dir)
+    stages_command(run_dir, rules_file=rules)
 
 
 @app.command()

@@ -112,6 +112,54 @@ class EvalConfig(Strict):
     gibberish_model: str | None = None
     embedding_judge: bool = False
 
+    @model_validator(mode="after")
+    def _check_files_and_formats(self):
+        """Caught when the config is read, not hours later when generation 0 is evaluated."""
+        for field in ("formats_file", "few_shot_file"):
+            value = getattr(self, field)
+            if value is not None and not Path(value).expanduser().is_file():
+                raise ValueError(f"{field}: {value} does not exist (expected a file)")
+        if not self.formats:
+            raise ValueError("formats: empty list, expected at least one instruction format")
+        from kcollapse.evaluate.formats import load_formats
+
+        try:
+            known = load_formats(self.formats_file)
+            if self.few_shot_file is not None:
+                from kcollapse.evaluate.benchmark import load_few_shot_file
+
+                load_few_shot_file(Path(self.few_shot_file).expanduser())
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        except UnicodeDecodeError:
+            raise ValueError(f"formats_file: {self.formats_file}: not UTF-8 text") from None
+        unknown = [f for f in self.formats if f not in known]
+        if unknown:
+            raise ValueError(f"formats: unknown format '{unknown[0]}', expected one of {', '.join(known)}")
+        for name in self.formats:
+            _check_template(known[name], self.formats_file or "formats.yaml")
+        return self
+
+
+def _check_template(fmt, source: str) -> None:
+    """A placeholder the renderer cannot fill would be a KeyError at the first evaluation, hours into a run."""
+    import string
+
+    from kcollapse.evaluate.formats import PLACEHOLDERS
+
+    for part, allowed in (("template", PLACEHOLDERS), ("example", PLACEHOLDERS | {"letter", "answer_text"})):
+        text = getattr(fmt, part, None)
+        if not text:
+            continue
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"formats: {source}: format '{fmt.name}' {part}: {e} (write {{{{ and }}}} for braces)") from None
+        bad = [f for f in fields if f.split(".")[0].split("[")[0] not in allowed or f != f.split(".")[0].split("[")[0]]
+        if bad:
+            raise ValueError(f"formats: {source}: format '{fmt.name}' {part} has unknown placeholder {{{bad[0]}}}, "
+                             f"expected some of {', '.join('{' + p + '}' for p in sorted(allowed))}")
+
 
 class OrganismConfig(Strict):
     """The offline model organism: a tiny GPT-2 trained from scratch on prose about real facts."""
@@ -128,6 +176,33 @@ class OrganismConfig(Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     seed: int = 0
+
+
+class StageRules(Strict):
+    """Thresholds of the stage rule (see the module docstring)."""
+
+    subject: str | None = Field(None, description="questions classified: null = all, a subject, or split:<name>")
+    accuracy: str = Field("accuracy", pattern="^(accuracy|judged_accuracy)$",
+                          description="accuracy = scored option; judged_accuracy = the free-text answer's option")
+    chance: float | None = Field(None, ge=0.0, lt=1.0, description="null: 1 / number of choices (0.25 without answers)")
+    min_margin: float = Field(0.05, ge=0.0, description="baseline accuracy must exceed chance by this to measure retention")
+    retention_b: float = Field(0.8, gt=0.0, description="B when retention of above-chance accuracy is below this")
+    min_drop: float = Field(0.05, ge=0.0, description="without answers: smallest accuracy drop that counts")
+    format_drop: float = Field(0.2, gt=0.0, description="C: absolute drop of format adherence")
+    repetition_rise: float = Field(0.2, gt=0.0, description="C: absolute rise of answer repetition")
+    words_factor: float = Field(2.0, gt=1.0, description="C: answer length changed by more than this factor")
+    fluency_drop: float = Field(0.2, gt=0.0, description="C: relative drop of fluency")
+    confident_threshold: float = Field(0.5, gt=0.0, le=1.0, description="confident-wrong: wrong with confidence >= this")
+    ci: float = Field(0.95, gt=0.5, lt=1.0)
+    n_boot: int = Field(1000, ge=50)
+    seed: int = 0
+    persist: int = Field(2, ge=1, description="generations in a row that confirm an onset")
+    model_subject: str | None = Field("synthetic", description="text-metric rows watched (fallback: null = whole mix)")
+    model_signals: dict[str, float] = Field(
+        default_factory=lambda: {"perplexity": 0.2, "perplexity_heldout": 0.2, "entropy": -0.1,
+                                 "distinct_1": -0.1, "distinct_2": -0.1, "repetition_rate": 0.5},
+        description="metric -> relative change vs generation 0 that is a warning (sign = direction of collapse)",
+    )
 
 
 class ExperimentConfig(Strict):
@@ -153,6 +228,7 @@ class ExperimentConfig(Strict):
     chat: ChatConfig = Field(default_factory=ChatConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     organism: OrganismConfig = Field(default_factory=OrganismConfig)
+    stages: StageRules = Field(default_factory=StageRules)
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -180,13 +256,22 @@ class ExperimentConfig(Strict):
 RUNTIME_FIELDS = {"device", "parallel_arms", "threads", "cache_dir", "eval.batch_size", "sampling.batch_size"}
 
 
+def _short_repr(value: Any) -> str:
+    """repr of user input, bounded in depth and length (a YAML alias bomb would take hours in repr())."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 4, 60, 60
+    return r.repr(value)[:60]
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"]) or "config"
     if e["type"] == "extra_forbidden":
         return f"{source}: unknown key '{loc}'"
     found = e.get("input")
-    found_s = "" if isinstance(found, dict) or e["type"] == "missing" else f" (found {found!r:.60})"
+    found_s = "" if isinstance(found, dict) or e["type"] == "missing" else f" (found {_short_repr(found)})"
     msg = e["msg"].removeprefix("Value error, ")
     return f"{source}: {loc}: {msg}{found_s}"
 
@@ -198,6 +283,8 @@ def validate(data: dict, source: str = "config") -> ExperimentConfig:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise UserError(_format_validation_error(err, source)) from None
+    except RecursionError:
+        raise UserError(f"{source}: values nested too deeply") from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -212,6 +299,8 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{path}: cannot read config file ({e.__class__.__name__})") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -237,7 +326,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = raw
         parts = key.strip().split(".")
         node: Any = data

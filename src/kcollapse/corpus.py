@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kcollapse.config import ArmConfig, CorpusConfig
 from kcollapse.errors import UserError
+from kcollapse.io import scrub_surrogates
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -50,7 +51,8 @@ def _read_file(path: Path, cfg: CorpusConfig, domain: str | None = None) -> list
             raise UserError(f"{path}: line {lineno} is not valid JSON") from None
         if not isinstance(row, dict) or not isinstance(row.get(cfg.text_field), str):
             raise UserError(f"{path}: line {lineno} has no string field '{cfg.text_field}' (corpus.text_field)")
-        texts.append(Text(row[cfg.text_field], row.get(cfg.domain_field, domain)))
+        # a JSON "\ud800" escape decodes to a lone surrogate, which the tokenizer refuses with a TypeError
+        texts.append(Text(scrub_surrogates(row[cfg.text_field]), row.get(cfg.domain_field, domain)))
     return texts
 
 

@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import torch
 
+from kcollapse.io import scrub_surrogates, test_pause
+
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of a prompt; special tokens are added unless the text already carries them (chat templates do)."""
@@ -31,8 +33,10 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
     """Continuations (decoded, without the prompt) for each prompt, in the prompts' order."""
     ids = [encode(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
     max_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if max_positions:  # keep the end of over-long prompts: the model continues from there
-        ids = [x[-(max_positions - max_new_tokens):] if len(x) + max_new_tokens > max_positions else x for x in ids]
+    if max_positions:  # keep the end of over-long prompts (the model continues from there) and fit the window
+        max_new_tokens = min(max_new_tokens, max_positions - 1)
+        keep = max_positions - max_new_tokens
+        ids = [x[-keep:] if len(x) > keep else x for x in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -59,9 +63,10 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
             )
         for r, i in enumerate(rows):
             text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
-            outputs[i] = text.split("\n", 1)[0] if stop_at_newline else text
+            outputs[i] = scrub_surrogates(text.split("\n", 1)[0] if stop_at_newline else text)
         if task is not None:
             progress.advance(task, len(rows))
+        test_pause("sample" if do_sample else "greedy")  # no-op outside the kill tests
     if task is not None:
         progress.remove_task(task)
     return outputs

@@ -28,7 +28,7 @@ import yaml
 from kcollapse import corpus as corpus_mod
 from kcollapse.config import ExperimentConfig, differing_fields, validate
 from kcollapse.errors import UserError
-from kcollapse.io import RunLock, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from kcollapse.io import RunLock, atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp, write_jsonl
 
 
 def step_seed(seed: int, *parts) -> int:
@@ -111,6 +111,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
 
     console = Console(stderr=True)
     out = Path(out)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     check_run_dir(cfg, out)
     start = time.time()
     model_path, texts, items, extra = prepare(cfg)
@@ -123,6 +127,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
     pools = {a.name: corpus_mod.arm_pool(blocks, a, tokenizer, cfg.corpus, cfg.block_tokens) for a in cfg.arms}
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
+        remove_stale_temp(out)  # what a killed run left half-written
         write_config(cfg, out, extra | {"model_path": str(model_path)})
         run = Run(cfg, out)
         ctx = Context(run, model0, tokenizer, items, [t.text for t in heldout], train_texts)
@@ -146,7 +151,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
             write_report(out)
         except ImportError:
             pass
-    console.print(f"[bold green]done[/] in {time.time() - start:.0f} s: {out}/metrics.jsonl")
+    from rich.markup import escape
+
+    from kcollapse.io import sanitize_terminal
+
+    console.print(f"[bold green]done[/] in {time.time() - start:.0f} s: {escape(sanitize_terminal(str(out)))}/metrics.jsonl")
     return out
 
 
@@ -157,7 +166,9 @@ class Context:
         self.run, self.cfg = run, run.cfg
         self.model0, self.tokenizer, self.items = model0, tokenizer, items
         self.heldout_texts = heldout_texts
-        self.reference_vocab = {w.lower() for t in train_texts for w in t.text.split()}
+        from kcollapse.evaluate.textstats import vocabulary
+
+        self.reference_vocab = vocabulary([t.text for t in train_texts])  # fluency = share of words known at gen 0
         self.progress = None
         self.current: dict[str, tuple] = {}  # arm -> (generation, model) held in memory
 
@@ -226,6 +237,10 @@ class Context:
             timing["train_texts"] = len(texts)
             timing["train_tokens"] = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
             atomic_write_json(timing_path, timing)
+        if "train_texts" not in timing:  # killed between saving the model and recording its step: recount
+            texts = [r["text"] for r in self.training_mix(arm, g)]
+            timing["train_texts"] = len(texts)
+            timing["train_tokens"] = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
         t0 = time.time()
         model = self.model_for(arm.name, g)
         mix = read_jsonl(mix_path)
@@ -251,7 +266,8 @@ class Context:
             return held[1]
         from kcollapse.models import load_model
 
-        model, _ = load_model(self.run.model_dir(arm, g), device=self.cfg.device, dtype=self.cfg.dtype)
+        model, _ = load_model(self.run.model_dir(arm, g), device=self.cfg.device, dtype=self.cfg.dtype,
+                              trust_remote_code=self.cfg.trust_remote_code)
         self.current = {arm: (g, model)}
         return model
 

@@ -246,6 +246,11 @@ def write_report(run_dir: Path) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", arm)
         sections.append(f"<h3>{esc(arm)}</h3>" + _img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{safe}.png"),
                                                       f"metrics of arm {arm}"))
+    from kcollapse import resistance
+
+    if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
+        sections.append("<h2 id='resistance'>Domain-specific mitigation</h2>"
+                        + resistance.html_section(resistance.summarise_run(run_dir)))
     sections.append("<h2 id='answers'>Answers to chosen questions</h2>")
     for arm, a in result["arms"].items():
         sections.append(f"<h3>{esc(arm)}</h3>" + answers_section(run_dir, arm, a))
@@ -262,6 +267,12 @@ def write_report(run_dir: Path) -> Path:
 
 
 def report_command(run_dir: Path) -> Path:
+    if (Path(run_dir) / "sweep.json").is_file():  # a sweep directory: its own report
+        from kcollapse.sweep import report_sweep
+
+        out = report_sweep(run_dir)
+        print(f"wrote {out}")
+        return out
     out = write_report(run_dir)
     print(f"wrote {out}")
     return out

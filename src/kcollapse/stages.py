@@ -39,44 +39,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from kcollapse.config import PAPER_FORMATS
+from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, read_jsonl, sanitize_terminal
 from kcollapse.reference import repeated_share
 
 STAGE_RANK = {"A": 0, "B": 1, "C": 2}
 METRIC_COLUMNS = ["arm", "generation", "metric", "value", "format", "subject"]
-
-
-class StageRules(BaseModel):
-    """Thresholds of the stage rule (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    subject: str | None = Field(None, description="questions classified: null = all, a subject, or split:<name>")
-    accuracy: str = Field("accuracy", pattern="^(accuracy|judged_accuracy)$",
-                          description="accuracy = scored option; judged_accuracy = the free-text answer's option")
-    chance: float | None = Field(None, ge=0.0, lt=1.0, description="null: 1 / number of choices (0.25 without answers)")
-    min_margin: float = Field(0.05, ge=0.0, description="baseline accuracy must exceed chance by this to measure retention")
-    retention_b: float = Field(0.8, gt=0.0, description="B when retention of above-chance accuracy is below this")
-    min_drop: float = Field(0.05, ge=0.0, description="without answers: smallest accuracy drop that counts")
-    format_drop: float = Field(0.2, gt=0.0, description="C: absolute drop of format adherence")
-    repetition_rise: float = Field(0.2, gt=0.0, description="C: absolute rise of answer repetition")
-    words_factor: float = Field(2.0, gt=1.0, description="C: answer length changed by more than this factor")
-    fluency_drop: float = Field(0.2, gt=0.0, description="C: relative drop of fluency")
-    confident_threshold: float = Field(0.5, gt=0.0, le=1.0, description="confident-wrong: wrong with confidence >= this")
-    ci: float = Field(0.95, gt=0.5, lt=1.0)
-    n_boot: int = Field(1000, ge=50)
-    seed: int = 0
-    persist: int = Field(2, ge=1, description="generations in a row that confirm an onset")
-    model_subject: str | None = Field("synthetic", description="text-metric rows watched (fallback: null = whole mix)")
-    model_signals: dict[str, float] = Field(
-        default_factory=lambda: {"perplexity": 0.2, "perplexity_heldout": 0.2, "entropy": -0.1,
-                                 "distinct_1": -0.1, "distinct_2": -0.1, "repetition_rate": 0.5},
-        description="metric -> relative change vs generation 0 that is a warning (sign = direction of collapse)",
-    )
 
 
 def load_rules(run_dir: Path, rules_file: Path | None = None) -> StageRules:

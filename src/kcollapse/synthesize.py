@@ -11,6 +11,7 @@ from __future__ import annotations
 from kcollapse.config import ArmConfig, ExperimentConfig
 from kcollapse.corpus import Block
 from kcollapse.generate import generate
+from kcollapse.io import scrub_surrogates
 from kcollapse.models import chat_prompt, has_chat_template
 
 
@@ -38,6 +39,7 @@ def build_mix(model, tokenizer, blocks: list[Block], arm: ArmConfig, cfg: Experi
         top_k=s.top_k, repetition_penalty=s.repetition_penalty, batch_size=s.batch_size, seed=seed, progress=progress,
     )
     for prompt, cont in zip(prompt_texts, continuations):
+        cont = scrub_surrogates(cont)  # never in a decode, but the mix must always tokenize and serialise
         text = f"{prompt} {cont.strip()}" if s.keep_prompt else cont.strip()
         records.append({"text": text, "source": "synthetic", "prompt": prompt, "continuation": cont})
     return records

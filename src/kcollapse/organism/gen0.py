@@ -1,0 +1,139 @@
+"""Generation 0 of the model organism: a word-level tokenizer and a tiny GPT-2 trained from scratch on the world.
+
+The collapse loop needs a model that *knows* the world's facts before it starts eating its own text. This file
+trains one in a few CPU minutes: a word-level tokenizer over every word of the world (so no answer is ever
+[UNK]), a 4-layer GPT-2, and `kcollapse.train.finetune` (the same Trainer path every later generation uses).
+The result is an ordinary Hugging Face checkpoint directory (safetensors), cached under
+`cache_dir/gen0-<key>/`, where the key hashes the world, the model and training fields of OrganismConfig and
+GEN0_VERSION (bump it when this file's output changes). A second call with the same config reuses it.
+
+Tokenizer: words, numbers and single punctuation marks are tokens, and so is a newline (the instruction formats
+are line-structured). The decoder glues punctuation back ("France's capital is Paris.", "d-block", "Answer: A")
+so decoded text reads naturally and re-encodes to the same ids. `vocab_size` is a floor that the data overrides:
+the vocabulary is every word of the corpus and of the benchmark prompts in all formats (about 1.5k tokens for the
+three default domains), since a fact whose answer is [UNK] could not be learned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from kcollapse.config import OrganismConfig, TrainConfig
+from kcollapse.evaluate.formats import get_format, option_targets, render
+from kcollapse.io import atomic_write_json, read_jsonl
+from kcollapse.organism.world import QA_FORMATS, World, build_world
+
+GEN0_VERSION = 1
+UNK, PAD, EOS = "[UNK]", "[PAD]", "<|endoftext|>"
+WORD_PATTERN = r"\n|\w+|[^\w\s]"  # a newline, a run of word characters, or one other non-space character
+GLUE_LEFT = ".,?!:;)'-\n"  # no space before these when decoding
+GLUE_RIGHT = "('-\n"  # no space after these
+
+
+def gen0_key(cfg: OrganismConfig, world: World) -> str:
+    spec = {"version": GEN0_VERSION, "world": world.key, **cfg.model_dump(
+        include={"vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "steps", "batch_size", "lr", "seed"})}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True)
+
+
+def _decoder():
+    from tokenizers import decoders
+
+    steps = [decoders.Replace(c, "##" + c) for c in GLUE_LEFT]  # "##" = joined to the previous token
+    steps += [decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse()]
+    steps += [decoders.Replace(c + " ", c) for c in GLUE_RIGHT]
+    return decoders.Sequence(steps)
+
+
+def _world_texts(world: World) -> list[str]:
+    """Every text whose words must be known: the corpus, and each benchmark item in every format."""
+    texts = [row["text"] for row in read_jsonl(world.corpus_path)]
+    for item in read_jsonl(world.benchmark_path):
+        for name in QA_FORMATS:
+            fmt = get_format(name)
+            texts.append(render(fmt, item, [item]) + " " + " ".join(option_targets(fmt, item)))
+    return texts
+
+
+def build_tokenizer(texts: list[str], max_length: int):
+    """A word-level PreTrainedTokenizerFast holding every word of `texts` (most frequent first)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    pre = _pre_tokenizer()
+    counts = Counter(word for text in texts for word, _ in pre.pre_tokenize_str(text))
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    vocab = {tok: i for i, tok in enumerate([UNK, PAD, EOS, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre
+    backend.decoder = _decoder()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, pad_token=PAD, eos_token=EOS,
+                                   bos_token=EOS, model_max_length=max_length, clean_up_tokenization_spaces=False)
+
+
+def build_model(cfg: OrganismConfig, tokenizer):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(cfg.seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config)
+
+
+def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, work_dir: Path, show_progress: bool):
+    from kcollapse.train import finetune
+
+    train_cfg = TrainConfig(method="full", lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1,
+                            chunk_tokens=cfg.n_positions, gradient_checkpointing=False, warmup_ratio=0.05,
+                            lr_scheduler="cosine", weight_decay=0.01)
+    if not show_progress:
+        return finetune(model, tokenizer, texts, train_cfg, seed=cfg.seed, work_dir=work_dir)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("generation 0 (organism)"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        return finetune(model, tokenizer, texts, train_cfg, seed=cfg.seed, work_dir=work_dir, progress=progress)
+
+
+def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None, *, progress: bool = True) -> Path:
+    """The generation-0 checkpoint dir for `cfg`: trained once (a few CPU minutes at the defaults), then cached."""
+    from kcollapse.models import save_model
+
+    cache_dir = Path(cache_dir)
+    world = world or build_world(cfg, cache_dir)
+    key = gen0_key(cfg, world)
+    final = cache_dir / f"gen0-{key}"
+    if (final / "organism.json").is_file():  # written last: its presence means the checkpoint is complete
+        return final
+    texts = [row["text"] for row in read_jsonl(world.corpus_path)]
+    tokenizer = build_tokenizer(_world_texts(world), cfg.n_positions)
+    model = build_model(cfg, tokenizer)
+    start = time.perf_counter()
+    work_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".gen0-work-"))
+    try:
+        model = _train(model, tokenizer, texts, cfg, work_dir, progress)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    save_model(model, tokenizer, final)
+    atomic_write_json(final / "organism.json", {
+        "key": key, "version": GEN0_VERSION, "world": world.key, "world_path": str(world.path),
+        "organism": cfg.model_dump(mode="json"), "vocab": len(tokenizer), "parameters": model.num_parameters(),
+        "train_seconds": round(seconds, 1), "sources": world.sources, "n_facts": world.n_facts})
+    return final

@@ -97,6 +97,10 @@ def prepare(cfg: ExperimentConfig):
         world = organism.build_world(cfg.organism, cache)
         organism_corpus, organism_benchmark = world.corpus_path, world.benchmark_path
         extra["organism_sources"] = world.sources
+    for field in ("judge_model", "gibberish_model"):  # loaded only at evaluation: check before anything is written
+        path = getattr(cfg.eval, field)
+        if path and not Path(path).expanduser().is_dir():
+            raise UserError(f"eval.{field}: {path} is not a local model directory")
     texts = corpus_mod.load_texts(cfg.corpus, organism_corpus)
     items = load_benchmark(cfg.eval, organism_benchmark)
     if cfg.model == "organism":
@@ -108,6 +112,7 @@ def prepare(cfg: ExperimentConfig):
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True)
     out = Path(out)
@@ -145,14 +150,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
                     progress.advance(overall)
         collect_metrics(run)
         _write_state(run, done=True)
+        from kcollapse.report import write_report
+
         try:
-            from kcollapse.report import write_report
-
             write_report(out)
-        except ImportError:
-            pass
-    from rich.markup import escape
-
+        except Exception as e:  # the run's results are complete and safe; a report can be redone
+            console.print(f"[yellow]warning[/]: report not written ({type(e).__name__}: {escape(str(e))[:200]}); "
+                          f"run `kcollapse report {escape(str(out))}`")
     from kcollapse.io import sanitize_terminal
 
     console.print(f"[bold green]done[/] in {time.time() - start:.0f} s: {escape(sanitize_terminal(str(out)))}/metrics.jsonl")

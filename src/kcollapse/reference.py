@@ -23,44 +23,11 @@ import yaml
 
 from kcollapse.config import PAPER_FORMATS
 from kcollapse.errors import UserError
+from kcollapse.evaluate.textstats import repetition, text_stats
 from kcollapse.io import atomic_write_text, write_jsonl
 
 GEN_DIR = re.compile(r"ratio_(\d+(?:\.\d+)?)_gen_(\d+)")
 QUESTION_KEYS = ["choices", "correct_answer_index", "probabilities", "predicted_index", "is_correct"]
-
-
-# ---------------------------------------------------------------------------------------- text metrics
-# TODO(textstats): these belong in kcollapse.evaluate.textstats (being written in parallel); import them from
-# there once it exists and delete them here. Definitions: whitespace tokens; entropy in nats (as the paper).
-
-def text_entropy(text: str) -> float | None:
-    """Shannon entropy (nats) of the whitespace tokens of one text; None for an empty text."""
-    counts = Counter(text.split())
-    total = sum(counts.values())
-    if not total:
-        return None
-    return -sum(c / total * math.log(c / total) for c in counts.values())
-
-
-def distinct_n(texts: list[str], n: int) -> float | None:
-    """Unique word n-grams / all word n-grams, pooled over the texts (n-grams do not cross texts)."""
-    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else None
-
-
-def repeated_share(text: str, n: int = 4) -> float:
-    """Share of a text's word n-grams that repeat an earlier one of the same text (0 when it has none)."""
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
-
-
-def text_metrics(texts: list[str]) -> dict[str, float]:
-    ent = [e for e in (text_entropy(t) for t in texts) if e is not None]
-    out = {"entropy": float(np.mean(ent)) if ent else None, "entropy_std": float(np.std(ent)) if ent else None,
-           "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
-           "repetition_rate": float(np.mean([repeated_share(t) for t in texts])) if texts else None}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------- answers
@@ -93,7 +60,7 @@ def answer_metrics(questions: list[dict]) -> dict[str, float]:
     texts = [q.get("actual_answer") for q in questions if isinstance(q.get("actual_answer"), str)]
     if texts:
         out["answer_words"] = float(np.mean([len(t.split()) for t in texts]))
-        out["answer_repetition"] = float(np.mean([repeated_share(t) for t in texts]))
+        out["answer_repetition"] = float(np.mean([repetition(t) for t in texts]))
     judge = [float(q["judge_answer"]) for q in questions if isinstance(q.get("judge_answer"), (int, float))]
     if judge:
         out["judge_mean"] = float(np.mean(judge))
@@ -208,8 +175,9 @@ def import_command(dir_: Path, out: Path) -> list[str]:
                                                    for k, t in enumerate(texts)])
             for subject, part in [(None, texts), ("real", texts[:n_real]), ("synthetic", texts[n_real:])]:
                 if part:
-                    for metric, v in text_metrics(part).items():
-                        row(arm, g, metric, v, None, subject)
+                    for metric, v in text_stats(part).items():
+                        if v is not None:
+                            row(arm, g, metric, v, None, subject)
         else:
             _warn(f"{train}: missing; no text metrics or synthetic samples for {arm} generation {g}", warnings)
         by_format: dict[str, list[dict]] = {}

@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, read_jsonl, sanitize_terminal
-from kcollapse.reference import repeated_share
+from kcollapse.evaluate.textstats import repetition
 
 STAGE_RANK = {"A": 0, "B": 1, "C": 2}
 METRIC_COLUMNS = ["arm", "generation", "metric", "value", "format", "subject"]
@@ -134,7 +134,7 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
                 "judged_correct": float(judged == r.get("correct_index")) if text is not None else np.nan,
                 "adherent": float(judged is not None) if text is not None else np.nan,
                 "words": float(len(text.split())) if isinstance(text, str) else np.nan,
-                "repetition": repeated_share(text) if isinstance(text, str) else np.nan,
+                "repetition": repetition(text) if isinstance(text, str) else np.nan,
                 "confidence": float(conf) if conf is not None else np.nan,
                 "confident_wrong": float(correct == 0 and conf is not None and conf >= rules.confident_threshold)
                 if conf is not None else np.nan,

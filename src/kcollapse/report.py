@@ -270,9 +270,8 @@ def report_command(run_dir: Path) -> Path:
     if (Path(run_dir) / "sweep.json").is_file():  # a sweep directory: its own report
         from kcollapse.sweep import report_sweep
 
-        out = report_sweep(run_dir)
-        print(f"wrote {out}")
-        return out
+        report_sweep(run_dir)  # prints what it wrote
+        return Path(run_dir) / "report.html"
     out = write_report(run_dir)
     print(f"wrote {out}")
     return out

@@ -235,15 +235,20 @@ def model_pickle_only(tmp_path, tiny_gpt2):
     return path
 
 
+def _with_tokenizer_of(path, source):
+    """Give a model directory the tokenizer files of another checkpoint (so only the model itself is at fault)."""
+    for f in source.glob("tokenizer*"):
+        (path / f.name).write_bytes(f.read_bytes())
+    return path
+
+
 def model_not_causal(tmp_path, tiny_gpt2):
     from transformers import BertConfig, BertModel
 
     path = tmp_path / "bert"
     BertModel(BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(path)
-    for f in tiny_gpt2.glob("tokenizer*"):
-        (path / f.name).write_bytes(f.read_bytes())
-    return path
+    return _with_tokenizer_of(path, tiny_gpt2)
 
 
 def model_masked_lm(tmp_path, tiny_gpt2):
@@ -252,9 +257,7 @@ def model_masked_lm(tmp_path, tiny_gpt2):
     path = tmp_path / "bert-mlm"
     BertForMaskedLM(BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=32)).save_pretrained(path)
-    for f in tiny_gpt2.glob("tokenizer*"):
-        (path / f.name).write_bytes(f.read_bytes())
-    return path
+    return _with_tokenizer_of(path, tiny_gpt2)
 
 
 def model_encoder_decoder(tmp_path, tiny_gpt2):

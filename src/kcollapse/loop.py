@@ -215,7 +215,6 @@ class Context:
         timing_path = gdir / "step.json"  # per-step numbers that outlive a resume
         timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
         mix_path, model_dir = gdir / "synthetic.jsonl", self.run.model_dir(arm.name, g)
-        model = None
         if not mix_path.exists():
             t0 = time.time()
             prev = self.model_for(arm.name, g - 1)
@@ -241,13 +240,12 @@ class Context:
             save_model(model, self.tokenizer, model_dir)
             self.current = {arm.name: (g, model)}  # one arm's model in memory at a time
             timing["seconds_train"] = time.time() - t0
-            timing["train_texts"] = len(texts)
-            timing["train_tokens"] = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
             atomic_write_json(timing_path, timing)
-        if "train_texts" not in timing:  # killed between saving the model and recording its step: recount
+        if "train_texts" not in timing:  # counted once here, also after a kill between training and this point
             texts = [r["text"] for r in self.training_mix(arm, g)]
             timing["train_texts"] = len(texts)
             timing["train_tokens"] = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+            atomic_write_json(timing_path, timing)
         t0 = time.time()
         model = self.model_for(arm.name, g)
         mix = read_jsonl(mix_path)

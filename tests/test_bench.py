@@ -45,6 +45,20 @@ def test_one_by_one_answers_equal_batched(gpt2):
     assert 0 < n_new <= 6 * len(prompts)
 
 
+def test_reference_synthesis_equals_ours_greedy(gpt2):
+    """The synthesis baseline (`model.generate`, batches of 4) writes what our decoding loop writes."""
+    from kcollapse.bench import reference_synthesis
+    from kcollapse.config import SamplingConfig
+    from kcollapse.generate import generate
+
+    model, tokenizer = gpt2
+    texts = [render(get_format("short_answer"), q) for q in items()]
+    prompts = [ids[:6] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    theirs = reference_synthesis(model, tokenizer, prompts, 10, SamplingConfig(), do_sample=False)
+    assert len(theirs) == len(prompts) and any(theirs)
+    assert theirs == generate(model, tokenizer, prompts, 10, batch_size=16)
+
+
 def test_bench_command_writes_contract_rows(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/default here: the phase table says so
     out = tmp_path / "bench.json"
@@ -80,6 +94,32 @@ def test_decode_equals_hf_generate_greedy(request, which):
                           repetition_penalty=penalty)
         for r, row in zip(ref.tolist(), ours):
             assert [t for t in r if t != tokenizer.pad_token_id] == row  # HF pads a row after its stop token
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_gemma"])
+def test_shared_prefix_batches_write_what_one_by_one_generate_writes(request, which):
+    """Prompts opening alike share their prefix through the KV cache; the texts are `model.generate`'s, one by one."""
+    import torch
+
+    from kcollapse.generate import batches, common_prefix, encode, generate
+
+    model, tokenizer = load_model(request.getfixturevalue(which), device="cpu")
+    qs = items()
+    long = [render(get_format("multiple_choice"), q) for q in qs]  # past Gemma's sliding window: no sharing there
+    short = ["Say it: " + q["question"][:12] for q in qs]  # inside the window: shared on both models
+    for prompts in (long, short):
+        ids = [encode(tokenizer, p) for p in prompts]
+        assert all(common_prefix([ids[i] for i in b]) >= 4 for b in batches(ids, 4) if len(b) > 1)
+        for penalty in (1.0, 1.3):
+            ours = generate(model, tokenizer, prompts, 8, batch_size=4, repetition_penalty=penalty)
+            for prompt_ids, text in zip(ids, ours):
+                x = torch.tensor([prompt_ids])
+                with torch.inference_mode():
+                    ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                                         min_new_tokens=1, repetition_penalty=penalty,  # as ours: never an empty text
+                                         pad_token_id=tokenizer.pad_token_id)[0, x.shape[1]:]
+                assert tokenizer.decode(ref, skip_special_tokens=True) == text
+    assert max(len(encode(tokenizer, p)) for p in short) + 8 <= 64
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(gpt2):

@@ -70,6 +70,19 @@ def test_adherence_rules():
     assert metrics.adheres(None, None) is None
 
 
+def test_wellformed_answers_need_shape_not_an_option():
+    assert metrics.wellformed("Copenhagen", False, letters=False)  # wrong and off-list, but a short answer
+    assert metrics.wellformed("Paris is the capital of the country", True, letters=False)  # names an option
+    assert not metrics.wellformed("Paris is the capital of the country", False, letters=False)  # too long
+    assert not metrics.wellformed("", False, letters=False) and metrics.wellformed(None, None, letters=False) is None
+    assert not metrics.wellformed("?? !! ## %%", False, letters=False)  # degenerate
+    assert metrics.wellformed("E. Europe", False, letters=True)  # a letter, not one of A-D here: still the shape
+    assert not metrics.wellformed("Europe", False, letters=True)
+    records = [{"answer_text": "Copenhagen", "answer_wellformed": True, "format_adherent": False},
+               {"answer_text": "", "answer_wellformed": False, "format_adherent": False}]
+    assert metrics.answer_wellformed(records) == 0.5 and metrics.format_adherence(records) == 0.0
+
+
 def test_text_stats_known_values():
     assert textstats.entropy("a a b b") == pytest.approx(1.0)
     assert textstats.entropy("x") == 0.0 and textstats.entropy("") is None

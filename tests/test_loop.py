@@ -158,6 +158,36 @@ def test_resume_after_interruption_gives_identical_metrics(tiny_gpt2, tmp_path, 
     pd.testing.assert_frame_equal(stable(tmp_path / "full"), stable(tmp_path / "resumed"))
 
 
+def test_parallel_arms_resume_a_sequential_run_to_the_same_numbers(tiny_gpt2, tmp_path, monkeypatch):
+    arms = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}, {"name": "c", "synthetic_ratio": 0.0}]
+    base = tiny_config(tiny_gpt2, arms, threads=1, **{"eval.formats": ["multiple_choice", "cloze"]})
+    run_experiment(validate(base), tmp_path / "sequential")
+
+    import kcollapse.train as train
+
+    real_finetune, calls = train.finetune, []
+
+    def dies_on_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_finetune(*a, **kw)
+
+    monkeypatch.setattr(train, "finetune", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(validate(base), tmp_path / "parallel")
+    monkeypatch.setattr(train, "finetune", real_finetune)
+    run_experiment(validate({**base, "parallel_arms": 2}), tmp_path / "parallel")  # a runtime field: resume allowed
+
+    def stable(path):
+        df = metrics(path)
+        return df[~df.metric.str.startswith("seconds_")].reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(stable(tmp_path / "sequential"), stable(tmp_path / "parallel"))
+    assert json.loads((tmp_path / "parallel/state.json").read_text())["complete"] is True
+    assert (tmp_path / "parallel/report.html").exists()
+
+
 def test_a_run_dir_from_another_config_is_refused(tiny_gpt2, tmp_path):
     base = tiny_config(tiny_gpt2, [{"name": "a", "synthetic_ratio": 0.5}], generations=1,
                        **{"eval.formats": ["cloze"], "eval.free_text": False})

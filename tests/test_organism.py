@@ -58,6 +58,25 @@ def test_unknown_domain_is_a_user_error(tmp_path):
         build_world(OrganismConfig(domains=["astrology"]), tmp_path)
 
 
+def test_relations_and_exercise_shares_shape_the_world(tmp_path):
+    cfg = OrganismConfig(domains=["geography", "chemistry"], relations=["capital", "symbol"],
+                         qa_exercises={"short_answer": 0.5, "cloze": 0.0})
+    small = build_world(cfg, tmp_path)
+    facts = read_jsonl(small.facts_path)
+    assert {f["relation"] for f in facts} == {"capital", "symbol"} and small.n_facts["chemistry"] == 118
+    qa = [r["text"] for r in read_jsonl(small.corpus_path) if r["kind"] == "qa"]
+    n_train = sum(f["split"] == "train" for f in facts)
+    assert Counter(_format_of(t) for t in qa) == {"short_answer": round(n_train * 0.5)}
+    with pytest.raises(UserError, match=r"organism.relations: unknown relation\(s\) \['period'\]"):
+        build_world(cfg.model_copy(update={"relations": ["capital", "period"], "domains": ["geography"]}), tmp_path)
+    with pytest.raises(UserError, match="no relation left for domain"):
+        build_world(cfg.model_copy(update={"relations": ["capital"]}), tmp_path)
+    with pytest.raises(UserError, match="organism.qa_exercises: unknown format"):
+        build_world(cfg.model_copy(update={"qa_exercises": {"essay": 1.0}}), tmp_path)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        OrganismConfig(qa_exercises={"cloze": 1.5})
+
+
 def _format_of(text: str) -> str:
     if text.startswith("The following"):
         return "multiple_choice_few_shot" if "\nQ: " in text else "multiple_choice"
@@ -72,8 +91,9 @@ def test_world_shapes_and_sources(world):
     corpus, bench = read_jsonl(world.corpus_path), read_jsonl(world.benchmark_path)
     assert {r["kind"] for r in corpus} == {"prose", "qa"} and {r["domain"] for r in corpus} == set(DOMAINS)
     qa = [r["text"] for r in corpus if r["kind"] == "qa"]
-    shapes = Counter(_format_of(t) for t in qa)
-    assert len(shapes) == 5 and min(shapes.values()) > 0.1 * len(qa)  # all five formats, none neglected
+    n_train = sum(b["split"] == "train" for b in read_jsonl(world.benchmark_path))
+    shares = OrganismConfig().qa_exercises
+    assert Counter(_format_of(t) for t in qa) == {f: round(n_train * share) for f, share in shares.items()}
     assert len(bench) == sum(world.n_facts.values()) and len({b["id"] for b in bench}) == len(bench)
     for b in bench:
         assert set(b) == {"id", "subject", "question", "choices", "answer", "split", "statement"}

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from kc_fixture_runs import NOISY, NOISY_MODEL, make_run, write_jsonl  # noqa: E402
 
 from kcollapse.errors import UserError  # noqa: E402
+from kcollapse.io import read_jsonl  # noqa: E402
 from kcollapse.stages import StageRules, classify_run, load_rules, onset, stages_command  # noqa: E402
 
 FAST = StageRules(n_boot=300)
@@ -26,15 +27,33 @@ def test_noisy_run_with_answers(tmp_path):
     assert mc["stages"] == "AAABABBB"  # the blip at 3 is B, generation 4 recovers, B for good from 5
     assert (mc["onset_B"], mc["onset_C"]) == (5, None)  # one noisy generation starts nothing
     assert sa["stages"] == "AAAAACCC"
+    assert mc["knowledge_measurable"] is True and sa["knowledge_measurable"] is True
     assert (sa["onset_B"], sa["onset_C"]) == (5, 5)
     p3 = mc["generations"][3]
     assert p3["method"] == "bootstrap" and p3["retention_ci"][1] < 0.8 and p3["accuracy_diff_ci"][1] < 0
     assert mc["generations"][1]["retention_ci"][0] < 1 < mc["generations"][1]["retention_ci"][1]
-    assert "format adherence" in sa["generations"][5]["reasons"][0]
+    assert "well-formed answers" in sa["generations"][5]["reasons"][0]
     model = result["arms"]["alpha_1.0"]["model_centric"]
     assert model["warnings"] == {"entropy": 2, "perplexity": 5}
     assert mc["lead_time"] == 3 and sa["lead_time"] == 3
     assert result["last_generation"] == 7
+
+
+def test_wrong_but_well_formed_answers_are_B_not_C(tmp_path):
+    """"Copenhagen" for Andorra's capital names no option, yet it is a fluent answer of the asked kind: confidently
+    wrong (B). Requiring an option instead (format_signal: format_adherence) makes the same answers C."""
+    run = make_run(tmp_path / "run", {"a": {"short_answer": {"acc": [0.9, 0.9, 0.4, 0.4, 0.4], "words": [1] * 5}}})
+    for path in run.glob("arms/a/gen_*/answers/*.jsonl"):
+        records = read_jsonl(path)
+        for r in records:
+            if int(path.parent.parent.name[4:]) >= 2 and not r["is_correct"]:
+                r.update(answer_text="Copenhagen", judged_index=None, format_adherent=False, answer_wellformed=True)
+        write_jsonl(path, records)
+    sa = _fmt(classify_run(run, FAST), "short_answer", "a")
+    assert sa["stages"] == "AABBB" and sa["onset_C"] is None
+    assert sa["generations"][3]["format_adherence"] < 0.5 < 0.95 < sa["generations"][3]["answer_wellformed"]
+    strict = _fmt(classify_run(run, FAST.model_copy(update={"format_signal": "format_adherence"})), "short_answer", "a")
+    assert strict["stages"] == "AACCC" and "format adherence" in strict["generations"][2]["reasons"][0]
 
 
 def test_metrics_only_fallback(tmp_path):
@@ -80,7 +99,7 @@ def test_baseline_at_chance_never_collapses(tmp_path):
                    (2, "accuracy", 0.1, "no_instruction")])
     f = _fmt(classify_run(run, FAST), "no_instruction", "a")
     assert f["stages"] == "AAA" and f["generations"][1]["retention"] is None
-    assert f["onset_B"] is None
+    assert f["onset_B"] is None and f["knowledge_measurable"] is False
 
 
 def test_fluency_and_length_break_are_C(tmp_path):

@@ -10,7 +10,7 @@ What: on the organism model (the cached generation 0 if there is one, else its a
 speed does not depend on training) and on a wider local GPT-2 (6 layers, d=256), on organism benchmark items:
   scoring    reference-style / lm-eval-style vs `score_options`, per format, questions/s (scores must agree 1e-5)
   free_text  batch-1 greedy `generate` per question vs `generate_answers`, new tokens/s (answers compared)
-  synthesis  the reference's batch of 4 with sampling vs ours (`sampling.batch_size`), new tokens/s
+  synthesis  the reference's `model.generate` on batches of 4, sampling, vs ours (`sampling.batch_size`), new tokens/s
   training   `finetune` (the Trainer path the loop ships), steady-state tokens/s vs a plain AdamW loop; and the
              achieved FLOP/s (6 x params x tokens / s) as a share of a large fp32 `torch.matmul` (utilisation)
 Every figure is the median of several repeats; compare ratios only within one run (shared machines are noisy).
@@ -237,20 +237,39 @@ def bench_free_text(label, model, tok, prompts, max_new, repeats, batch_size):
                  f"{same}/{len(prompts)} answers equal")]
 
 
+def reference_synthesis(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, sampling, do_sample=True,
+                        batch_size: int = 4) -> list[str]:
+    """The paper's way: `model.generate` on batches of 4 prompts (equal-length token prompts: no padding)."""
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        ids = torch.tensor(prompts[start : start + batch_size])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=do_sample, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=sampling.top_k, repetition_penalty=sampling.repetition_penalty,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        texts += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return texts
+
+
 def bench_synthesis(label, model, tok, prompts, recipe, repeats):
     from kcollapse.generate import generate
 
     s = recipe.sampling
 
-    def run(bs, sample=True, some=prompts):
-        texts = generate(model, tok, some, recipe.new_tokens, do_sample=sample, temperature=s.temperature,
-                         top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty, batch_size=bs)
-        return texts, sum(map(len, tok(texts, add_special_tokens=False)["input_ids"]))
+    def n_tokens(texts):
+        return sum(map(len, tok(texts, add_special_tokens=False)["input_ids"]))
 
-    t_theirs, (_, n_theirs) = _median(lambda: run(4), repeats)
-    t_ours, (_, n_ours) = _median(lambda: run(s.batch_size), repeats)
-    few = prompts[:16]  # same numbers: greedy texts at batch 4 and at our batch size agree
-    same = sum(a == b for a, b in zip(run(4, False, few)[0], run(s.batch_size, False, few)[0]))
+    def ours(sample=True, some=prompts):
+        return generate(model, tok, some, recipe.new_tokens, do_sample=sample, temperature=s.temperature,
+                        top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty, batch_size=s.batch_size)
+
+    t_theirs, theirs = _median(lambda: reference_synthesis(model, tok, prompts, recipe.new_tokens, s), repeats)
+    t_ours, texts = _median(lambda: ours(), repeats)
+    n_theirs, n_ours = n_tokens(theirs), n_tokens(texts)
+    few = prompts[:16]  # same numbers: greedy texts of the reference's way and of ours agree
+    same = sum(a == b for a, b in zip(reference_synthesis(model, tok, few, recipe.new_tokens, s, do_sample=False),
+                                      ours(False, few)))
     return [_row("synthesis", "reference", None, label, n_ours / t_ours, n_theirs / t_theirs, "new tokens/s",
                  f"greedy {same}/{len(few)} equal")]
 

@@ -165,7 +165,12 @@ class OrganismConfig(Strict):
     """The offline model organism: a tiny GPT-2 trained from scratch on prose about real facts."""
 
     domains: list[str] = Field(default_factory=lambda: ["geography", "us_states", "chemistry"])
-    paragraphs_per_entity: int = Field(4, ge=1)
+    relations: list[str] | None = Field(None, description="facts kept, by relation (null: every relation of the domains)")
+    paragraphs_per_entity: int = Field(8, ge=1, description="prose paragraphs per entity, each its own paraphrase mix")
+    qa_exercises: dict[str, float] = Field(
+        default_factory=lambda: {"short_answer": 1.0, "cloze": 1.0, "multiple_choice": 0.34,
+                                 "multiple_choice_few_shot": 0.33, "no_instruction": 0.33},
+        description="instruction format -> share of the training facts solved once in it")
     heldout_share: float = Field(0.5, ge=0.0, lt=1.0, description="facts never asked as QA exercises")
     vocab_size: int = Field(1024, ge=64, description="a floor: the vocabulary is every word of the world (~1.5k)")
     n_embd: int = Field(128, ge=8)
@@ -176,6 +181,14 @@ class OrganismConfig(Strict):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(4e-3, gt=0.0)
     seed: int = 0
+
+    @field_validator("qa_exercises")
+    @classmethod
+    def _shares(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"shares must be between 0 and 1, got {bad}")
+        return value
 
 
 class StageRules(Strict):
@@ -188,7 +201,10 @@ class StageRules(Strict):
     min_margin: float = Field(0.05, ge=0.0, description="baseline accuracy must exceed chance by this to measure retention")
     retention_b: float = Field(0.8, gt=0.0, description="B when retention of above-chance accuracy is below this")
     min_drop: float = Field(0.05, ge=0.0, description="without answers: smallest accuracy drop that counts")
-    format_drop: float = Field(0.2, gt=0.0, description="C: absolute drop of format adherence")
+    format_signal: Literal["answer_wellformed", "format_adherence"] = Field(
+        "answer_wellformed", description="C reads the format off this: a short answer of the asked kind (wrong "
+        "answers included: that is B), or an answer naming an option")
+    format_drop: float = Field(0.2, gt=0.0, description="C: absolute drop of format_signal")
     repetition_rise: float = Field(0.2, gt=0.0, description="C: absolute rise of answer repetition")
     words_factor: float = Field(2.0, gt=1.0, description="C: answer length changed by more than this factor")
     fluency_drop: float = Field(0.2, gt=0.0, description="C: relative drop of fluency")

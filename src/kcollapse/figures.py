@@ -27,7 +27,7 @@ from kcollapse.io import _umask  # noqa: E402
 BAND = {"B": ("#f6c343", 0.22), "C": ("#e4572e", 0.22)}
 STAGE_COLOR = {"A": "#8fd19e", "B": "#f6c343", "C": "#e4572e", "?": "#dddddd"}
 TASK_ORDER = ["accuracy", "judged_accuracy", "greedy_rate", "max_freq", "confidence", "confident_wrong_rate",
-              "format_adherence", "answer_words", "answer_repetition", "judge_mean", "fluency"]
+              "format_adherence", "answer_wellformed", "answer_words", "answer_repetition", "judge_mean", "fluency"]
 MODEL_ORDER = ["perplexity", "perplexity_heldout", "entropy", "entropy_std", "distinct_1", "distinct_2",
                "repetition_rate", "fluency"]
 SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part"}

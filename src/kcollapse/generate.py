@@ -7,7 +7,9 @@ batch, so the same prompts, config and seed give the same texts on the same mach
 The decoding loop is our own rather than `model.generate`: a finished row leaves the batch (and the KV cache) at
 once instead of being carried, padded, until the batch's longest row ends, and a step costs one forward plus a few
 tensor ops. With a trained organism, whose rows end at different lengths, this made free-text answers and
-synthesis about 2x faster than `model.generate` on the same batches (`kcollapse bench`). The token choice is HF's:
+synthesis about 2x faster than `model.generate` on the same batches (`kcollapse bench`). Prompts that open alike
+(an instruction format's header, its few-shot block) are batched together and their common opening is run once
+and shared through the KV cache: a free-text answer is short, so the prompt is most of its cost. The token choice is HF's:
 repetition penalty, then temperature, top-k and top-p, sampled with `torch.multinomial`; greedy is the argmax.
 """
 
@@ -44,7 +46,6 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
         max_new_tokens = min(max_new_tokens, max_positions - 1)
         keep = max_positions - max_new_tokens
         ids = [x[-keep:] if len(x) > keep else x for x in ids]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if stop_at_newline:
@@ -52,17 +53,21 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
     outputs: list[str] = [""] * len(ids)
     task = progress.add_task("generate", total=len(ids)) if progress is not None else None
     device = next(model.parameters()).device
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        rows = order[start : start + batch_size]
-        width = max(len(ids[i]) for i in rows)
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    for b, rows in enumerate(batches(ids, batch_size)):
+        shared = common_prefix([ids[i] for i in rows])
+        if window and max(len(ids[i]) for i in rows) + max_new_tokens > window:
+            shared = 0  # a sliding window counts cache slots, and padding after a shared prefix would shift it
+        width = max(len(ids[i]) for i in rows) - shared
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
-            input_ids[r, width - len(ids[i]) :] = torch.tensor(ids[i])
-            attention[r, width - len(ids[i]) :] = 1
+            input_ids[r, width - len(ids[i]) + shared :] = torch.tensor(ids[i][shared:])
+            attention[r, width - len(ids[i]) + shared :] = 1
+        prefix = torch.tensor([ids[rows[0]][:shared]], device=device) if shared else None
         torch.manual_seed(seed * 1_000_003 + b)
         with torch.inference_mode():
-            new = decode(model, input_ids.to(device), attention.to(device), max_new_tokens, stop_ids,
+            new = decode(model, input_ids.to(device), attention.to(device), max_new_tokens, stop_ids, prefix=prefix,
                          min_new_tokens=0 if stop_at_newline else 1, do_sample=do_sample, temperature=temperature,
                          top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
         for r, i in enumerate(rows):
@@ -74,6 +79,35 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
     if task is not None:
         progress.remove_task(task)
     return outputs
+
+
+OPENING_TOKENS = 8  # prompts sharing this many first tokens are batched together
+MIN_SHARED = 4  # a shorter common prefix is not worth a separate forward
+
+
+def batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches: prompts with the same opening together (so the batch shares a prefix), each
+    group sorted by length (little padding); openings too rare to fill part of a batch are pooled by length."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(ids):
+        groups.setdefault(tuple(x[:OPENING_TOKENS]), []).append(i)
+    pooled = [i for g in groups.values() if len(g) < min(batch_size, 8) for i in g]
+    out = []
+    for group in [g for g in groups.values() if len(g) >= min(batch_size, 8)] + [pooled]:
+        group = sorted(group, key=lambda i: len(ids[i]))
+        out += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+    return [b for b in out if b]
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the token prefix all rows share (each row keeps at least one token of its own), 0 if too short."""
+    n = min(len(r) for r in rows) - 1
+    for k in range(max(n, 0)):
+        first = rows[0][k]
+        if any(r[k] != first for r in rows):
+            n = k
+            break
+    return n if n >= MIN_SHARED and len(rows) > 1 else 0
 
 
 def choose(scores: torch.Tensor, seen: torch.Tensor | None, *, do_sample: bool, temperature: float, top_p: float,
@@ -98,11 +132,12 @@ def choose(scores: torch.Tensor, seen: torch.Tensor | None, *, do_sample: bool, 
 
 
 def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, stop_ids: list[int], *,
-           min_new_tokens: int = 0, **how) -> list[list[int]]:
+           min_new_tokens: int = 0, prefix: torch.Tensor | None = None, **how) -> list[list[int]]:
     """New token ids per row of a left-padded batch (each row's stop token included, as `generate` keeps it).
 
     One prefill forward, then one single-token forward per step on the KV cache; rows that stopped are dropped
-    from the batch and the cache, so the remaining steps cost only what is still being written."""
+    from the batch and the cache, so the remaining steps cost only what is still being written. `prefix` [1, P]:
+    tokens every row starts with (before its padding), run once and copied into each row's cache."""
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     trim = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -116,7 +151,15 @@ def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_toke
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
     penalise = how.get("repetition_penalty", 1.0) != 1.0
     seen = torch.where(attention.bool(), input_ids, input_ids[:, -1:]) if penalise else None  # pads: a real token
-    scores, cache = step(input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0), None)
+    cache, start = None, 0
+    if prefix is not None:
+        start = prefix.shape[1]
+        _, cache = step(prefix, torch.ones_like(prefix), torch.arange(start, device=device)[None], None)
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        attention = torch.cat([attention.new_ones((input_ids.shape[0], start)), attention], 1)
+        seen = torch.cat([prefix.expand(input_ids.shape[0], -1), seen], 1) if penalise else None
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, start:]
+    scores, cache = step(input_ids, attention, positions, cache)
     rows = list(range(input_ids.shape[0]))
     new: list[list[int]] = [[] for _ in rows]
     for k in range(max_new_tokens):

@@ -110,21 +110,8 @@ def prepare(cfg: ExperimentConfig):
     return model_path, texts, items, extra
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = Console(stderr=True)
-    out = Path(out)
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    check_run_dir(cfg, out)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum" while cutting blocks
-    start = time.time()
+def _load(cfg: ExperimentConfig):
+    """Model, tokenizer, texts and arm pools: what the parent and every arm worker build the same way."""
     model_path, texts, items, extra = prepare(cfg)
     from kcollapse.models import load_model
 
@@ -133,6 +120,26 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
     train_texts, heldout = corpus_mod.split_heldout(texts, cfg.corpus, cfg.seed)
     blocks = corpus_mod.make_blocks(tokenizer, train_texts, cfg.block_tokens)
     pools = {a.name: corpus_mod.arm_pool(blocks, a, tokenizer, cfg.corpus, cfg.block_tokens) for a in cfg.arms}
+    return model_path, model0, tokenizer, items, heldout, train_texts, pools, extra
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True)
+    out = Path(out)
+    parallel = min(cfg.parallel_arms, len(cfg.arms))
+    if cfg.threads or parallel > 1:
+        import torch
+
+        torch.set_num_threads(cfg.threads or _threads_per_worker(parallel))
+    check_run_dir(cfg, out)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum" while cutting blocks
+    start = time.time()
+    model_path, model0, tokenizer, items, heldout, train_texts, pools, extra = _load(cfg)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         remove_stale_temp(out)  # what a killed run left half-written
@@ -146,11 +153,14 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
             ctx.progress = progress
             ctx.evaluate_gen0()
             overall = progress.add_task("generations", total=len(cfg.arms) * cfg.generations)
-            for arm in cfg.arms:
-                for g in range(1, cfg.generations + 1):
-                    progress.update(overall, description=f"{arm.name} gen {g}/{cfg.generations}")
-                    ctx.generation(arm, g, pools[arm.name])
-                    progress.advance(overall)
+            if parallel > 1:
+                _run_arms_in_processes(cfg, out, parallel, progress, overall)
+            else:
+                for arm in cfg.arms:
+                    for g in range(1, cfg.generations + 1):
+                        progress.update(overall, description=f"{arm.name} gen {g}/{cfg.generations}")
+                        ctx.generation(arm, g, pools[arm.name])
+                        progress.advance(overall)
         collect_metrics(run)
         _write_state(run, done=True)
         from kcollapse.report import write_report
@@ -166,6 +176,79 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
     return out
 
 
+# -- arms in parallel processes ------------------------------------------------------------------------------
+# On a small CPU, two single-threaded processes beat one two-threaded process (a tiny model's ops are too small
+# to split well across threads). Arms are independent after generation 0, so `parallel_arms: N` hands them to N
+# spawned worker processes, one arm at a time each. Every step is seeded from (seed, arm, generation) alone and
+# written atomically, so what a worker computes does not depend on the scheduling, and resume works unchanged.
+
+def _threads_per_worker(parallel: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // parallel)
+
+
+def _die_with_parent() -> None:
+    """Workers get SIGKILL when the parent dies (Linux), so a killed run leaves no orphan writing into RUN_DIR."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _arm_worker(cfg_data: dict, out: str, arm_name: str, threads: int) -> str:
+    _die_with_parent()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    cfg = ExperimentConfig.model_validate(cfg_data)
+    _, model0, tokenizer, items, heldout, train_texts, pools, _ = _load(cfg)
+    ctx = Context(Run(cfg, Path(out)), model0, tokenizer, items, [t.text for t in heldout], train_texts)
+    ctx.collect_each_step = False  # the parent collects; workers would race each other rewriting metrics.jsonl
+    arm = next(a for a in cfg.arms if a.name == arm_name)
+    for g in range(1, cfg.generations + 1):
+        ctx.generation(arm, g, pools[arm.name])
+    return arm_name
+
+
+def _run_arms_in_processes(cfg: ExperimentConfig, out: Path, parallel: int, progress, overall) -> None:
+    import multiprocessing
+
+    run = Run(cfg, out)
+    threads = cfg.threads or _threads_per_worker(parallel)
+    total, last = len(cfg.arms) * cfg.generations, -1
+    progress.update(overall, description=f"{len(cfg.arms)} arms, {parallel} at once")
+    pool = multiprocessing.get_context("spawn").Pool(parallel)
+    try:
+        jobs = [pool.apply_async(_arm_worker, (cfg.model_dump(mode="json"), str(out), a.name, threads)) for a in cfg.arms]
+        while True:
+            all_done = all(job.ready() for job in jobs)  # before counting files: a late finish is counted below
+            for job in jobs:
+                if job.ready():
+                    job.get()  # a worker's error (e.g. a UserError) surfaces here, in the parent
+            finished = sum((run.gen_dir(a.name, g) / "metrics.jsonl").exists()
+                           for a in cfg.arms for g in range(1, cfg.generations + 1))
+            if finished != last:
+                last = finished
+                progress.update(overall, completed=finished)
+                collect_metrics(run)
+                _write_state(run, done=False)
+            if all_done:
+                break
+            time.sleep(0.5)
+        pool.close()
+    finally:
+        pool.terminate()  # on an error or Ctrl-C no worker goes on writing
+        pool.join()
+    if last != total:
+        raise RuntimeError(f"arm workers finished {last} of {total} generations")
+
+
 class Context:
     """What one run holds in memory across generations: the current model per arm, the tokenizer, eval data."""
 
@@ -177,6 +260,7 @@ class Context:
 
         self.reference_vocab = vocabulary([t.text for t in train_texts])  # fluency = share of words known at gen 0
         self.progress = None
+        self.collect_each_step = True  # rebuild RUN_DIR/metrics.jsonl after every generation
         self.current: dict[str, tuple] = {}  # arm -> (generation, model) held in memory
 
     # -- generation 0 --------------------------------------------------------------------------------------
@@ -254,8 +338,9 @@ class Context:
         rows += [_row(k, v) for k, v in timing.items()] + [_row("seconds_eval", time.time() - t0)]
         write_jsonl(gdir / "metrics.jsonl", rows)
         self._drop_old_checkpoint(arm.name, g)
-        collect_metrics(self.run)
-        _write_state(self.run, done=False)
+        if self.collect_each_step:
+            collect_metrics(self.run)
+            _write_state(self.run, done=False)
 
     def training_mix(self, arm, g: int) -> list[dict]:
         if arm.mode != "accumulate":

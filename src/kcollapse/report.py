@@ -184,7 +184,7 @@ def _derived_rows(result: dict) -> pd.DataFrame:
         for fmt, f in a["formats"].items():
             for p in f.get("generations", []):
                 if isinstance(p, dict) and p.get("method") == "bootstrap":
-                    for key in ["confident_wrong_rate", "format_adherence", "answer_words", "answer_repetition"]:
+                    for key in ["confident_wrong_rate", "format_adherence", "answer_wellformed", "answer_words", "answer_repetition"]:
                         if p.get(key) is not None:
                             rows.append({"arm": arm, "generation": p["generation"], "metric": key,
                                          "value": p[key], "format": fmt, "subject": None})
@@ -234,7 +234,8 @@ def write_report(run_dir: Path) -> Path:
     sections.append(
         f"<p class='note'>Rule: B when accuracy retained above chance falls below {result['rules']['retention_b']} "
         f"of generation 0 and the drop is significant ({int(result['rules']['ci'] * 100)}% paired bootstrap over "
-        "questions when answers are logged); C when format adherence, answer repetition or length, or fluency degrade "
+        "questions when answers are logged); C when well-formed answers (rules.format_signal), answer repetition or "
+        "length, or fluency degrade "
         f"beyond tolerance. Onsets need {result['rules']['persist']} generations in a row. Lead = task-centric drop "
         "minus the first model-centric warning (perplexity, entropy, distinct-n of the training text): positive when "
         "the model-centric metrics warned first. Thresholds: stages.json → rules.</p>")

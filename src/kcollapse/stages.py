@@ -14,8 +14,9 @@ RUN_DIR/config.yaml or by a YAML file of those fields):
   questions present at both generation g and generation 0 (`n_boot` resamples, `ci` level).
 - Without answers the metric rows stand in (`accuracy`, `format_adherence`, `answer_repetition`, `answer_words`,
   `fluency` of the format, else the run's `fluency` row) and "significant" is replaced by `min_drop`.
-- C when, against generation 0, format adherence (the free-text answer names an option) drops by
-  at least `format_drop`, answer repetition (repeated word 4-grams) rises by at least `repetition_rise`, the
+- C when, against generation 0, the share of well-formed free-text answers (`answer_wellformed`: a short answer
+  of the asked kind, or one naming an option; `format_signal: format_adherence` to require an option instead,
+  the fallback for runs without it) drops by at least `format_drop`, answer repetition (repeated word 4-grams) rises by at least `repetition_rise`, the
   answer length changes by more than a factor `words_factor`, or fluency falls by more than `fluency_drop`
   (relative); with answers each change must also be significant (its CI excludes no change).
 - B when not C, retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
@@ -133,6 +134,7 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
                 "correct": correct,
                 "judged_correct": float(judged == r.get("correct_index")) if text is not None else np.nan,
                 "adherent": float(judged is not None) if text is not None else np.nan,
+                "wellformed": _wellformed(r, judged) if text is not None else np.nan,
                 "words": float(len(text.split())) if isinstance(text, str) else np.nan,
                 "repetition": repetition(text) if isinstance(text, str) else np.nan,
                 "confidence": float(conf) if conf is not None else np.nan,
@@ -142,6 +144,16 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
             })
     df = pd.DataFrame(rows)
     return df.drop_duplicates("id", keep="last").set_index("id") if not df.empty else df
+
+
+def _wellformed(record: dict, judged) -> float:
+    """The record's `answer_wellformed`; records written before it existed (or imported logs) get the text rule."""
+    if "answer_wellformed" in record:
+        return float(bool(record["answer_wellformed"]))
+    from kcollapse.evaluate.metrics import wellformed
+
+    letters = bool(re.fullmatch(r"\W*\(?[A-J]\)?\W*", str(record.get("answer_text") or "")[:3]))
+    return float(bool(wellformed(record["answer_text"], judged is not None, letters)))
 
 
 def _metric(df: pd.DataFrame, arm: str, metric: str, fmt: str | None, subject: str | None) -> pd.Series:
@@ -164,9 +176,9 @@ def _paired_bootstrap(cur: pd.DataFrame, base: pd.DataFrame, rules: StageRules, 
     out: dict[str, Any] = {"n": int(len(ids))}
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN resample: NaN, skipped below
-        for col in ["correct", "judged_correct", "adherent", "words", "repetition", "confident_wrong"]:
+        for col in ["correct", "judged_correct", "adherent", "wellformed", "words", "repetition", "confident_wrong"]:
             a, b = x[col].to_numpy(float), x0[col].to_numpy(float)
-            if np.isnan(a).all() or np.isnan(b).all() or (col == "adherent" and not np.nansum(b)):
+            if np.isnan(a).all() or np.isnan(b).all() or (col in ("adherent", "wellformed") and not np.nansum(b)):
                 continue  # not measured (e.g. no answer judged at generation 0: nothing to degrade from)
             boot = np.nanmean(a[idx], axis=1) - np.nanmean(b[idx], axis=1)
             out[col] = (float(np.nanmean(a)), float(np.nanmean(b)),
@@ -195,14 +207,16 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
         rec["retention"], rec["retention_ci"] = (ret if ret else (None, None))
         if ret and ret[0] < rules.retention_b and diff_ci[1] < 0:
             b_reasons.append(f"retention {ret[0]:.2f} [{ret[1][0]:.2f}, {ret[1][1]:.2f}] < {rules.retention_b}")
-        for col, key in [("adherent", "format_adherence"), ("repetition", "answer_repetition"),
-                         ("words", "answer_words"), ("confident_wrong", "confident_wrong_rate")]:
+        for col, key in [("adherent", "format_adherence"), ("wellformed", "answer_wellformed"),
+                         ("repetition", "answer_repetition"), ("words", "answer_words"),
+                         ("confident_wrong", "confident_wrong_rate")]:
             if col in boot:
                 rec[key] = boot[col][0]
-        if "adherent" in boot:
-            v, v0, ci = boot["adherent"]
+        col = "wellformed" if rules.format_signal == "answer_wellformed" and "wellformed" in boot else "adherent"
+        if col in boot:
+            v, v0, ci = boot[col]
             if v - v0 <= -rules.format_drop and ci[1] < 0:
-                c_reasons.append(f"format adherence {v0:.2f} -> {v:.2f}")
+                c_reasons.append(f"{'well-formed answers' if col == 'wellformed' else 'format adherence'} {v0:.2f} -> {v:.2f}")
         if "repetition" in boot:
             v, v0, ci = boot["repetition"]
             if v - v0 >= rules.repetition_rise and ci[0] > 0:
@@ -220,12 +234,14 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
             rec["retention"] = ret
             if ret < rules.retention_b and acc0 - acc >= rules.min_drop:
                 b_reasons.append(f"retention {ret:.2f} < {rules.retention_b} (no CI: metrics only)")
-        for key in ["format_adherence", "answer_repetition", "answer_words", "confident_wrong_rate"]:
+        for key in ["format_adherence", "answer_wellformed", "answer_repetition", "answer_words", "confident_wrong_rate"]:
             if m.get(key) is not None:
                 rec[key] = m[key]
-        v, v0 = m.get("format_adherence"), m0.get("format_adherence")
+        key = "answer_wellformed" if rules.format_signal == "answer_wellformed" and m0.get("answer_wellformed") is not None \
+            else "format_adherence"
+        v, v0 = m.get(key), m0.get(key)
         if v is not None and v0 is not None and v - v0 <= -rules.format_drop:
-            c_reasons.append(f"format adherence {v0:.2f} -> {v:.2f}")
+            c_reasons.append(f"{'well-formed answers' if key == 'answer_wellformed' else 'format adherence'} {v0:.2f} -> {v:.2f}")
         v, v0 = m.get("answer_repetition"), m0.get("answer_repetition")
         if v is not None and v0 is not None and v - v0 >= rules.repetition_rise:
             c_reasons.append(f"answer repetition {v0:.2f} -> {v:.2f}")
@@ -320,8 +336,11 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
             on_c = onset(gens, [s == "C" for s in letters], rules.persist)
             drop = min([g for g in (on_b, on_c) if g is not None], default=None)
             warn = model["warning_generation"]
+            acc0 = points[0].get("accuracy")
             arm_out["formats"][fmt] = {
-                "baseline": {"accuracy": points[0].get("accuracy"), "chance": chance, "n": points[0].get("n")},
+                "baseline": {"accuracy": acc0, "chance": chance, "n": points[0].get("n")},
+                # at chance at generation 0 there is no knowledge to lose: B cannot be measured, only C
+                "knowledge_measurable": acc0 is not None and acc0 - chance > rules.min_margin,
                 "generations": points,
                 "stages": "".join(letters),
                 "onset_B": on_b,
@@ -369,6 +388,8 @@ def print_table(result: dict) -> None:
                 cells.append(s, style=colors.get(s, "dim"))
             lead = f.get("lead_time")
             b_on, c_on = (f["error"], "") if "error" in f else (onset_text(f["onset_B"], last), onset_text(f["onset_C"], last))
+            if "error" not in f and not f.get("knowledge_measurable", True):
+                b_on = "n/a: at chance at gen 0"
             table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, "-" if warn is None else f"gen {warn}",
                           "-" if lead is None else f"{lead:+d}")
         if not a["formats"]:

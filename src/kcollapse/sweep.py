@@ -96,7 +96,8 @@ def plan(config: Path, grid: list[str], seeds: int, cpus_per_trial: int, out: Pa
         if names.setdefault(point, combo) != combo:
             raise UserError(f"--grid: values {names[point]} and {combo} give the same trial name '{point}'")
         for k in range(seeds):
-            overrides = [f"{key}={v}" for key, v in values.items()] + [f"seed={k}", f"threads={cpus_per_trial}"]
+            overrides = [f"{key}={v}" for key, v in values.items()] + [f"seed={k}", f"threads={cpus_per_trial}",
+                                                                  "parallel_arms=1"]  # Ray owns the CPUs
             try:
                 cfg = load_config(config, overrides=overrides)
             except UserError as e:

@@ -50,6 +50,7 @@ def make_records(fmt, questions: list[dict], prompts: list[str], scored: list[di
             "is_correct": s["predicted_index"] == item["answer"], "confidence": s["confidence"],
             "answer_text": answer, "judged_index": judged, "format_adherent": metrics.adheres(answer, position),
         }
+        record["answer_wellformed"] = metrics.wellformed(answer, record["format_adherent"], fmt.answer == "letter")
         if "scores_norm" in s:
             record.update(scores_norm=s["scores_norm"], predicted_index_norm=s["predicted_index_norm"])
         if item.get("split"):

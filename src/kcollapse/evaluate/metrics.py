@@ -12,13 +12,18 @@ recompute it with pandas. The paper's stage B (knowledge collapse) shows as `acc
   with confidence >= 0.5; `ece`: expected calibration error over 10 equal-width confidence bins.
 - Free text: `judged_accuracy` (the judged option is the correct one; an unjudged answer is wrong),
   `embedding_accuracy`, `judge_mean` (1-3), `answer_words`, `answer_repetition` (share of repeated word 4-grams),
-  `format_adherence` (non-empty, names an option or its letter within the first 5 words, not degenerate).
+  `format_adherence` (non-empty, names an option or its letter within the first 5 words, not degenerate);
+  `answer_wellformed` (adherent, or a short answer of the asked kind whatever it names: non-empty, not degenerate,
+  at most 5 words, and for letter formats led by a letter). The two part where the model answers fluently with
+  something that is not an option ("Copenhagen" for Andorra's capital): confidently wrong, format intact. That is
+  knowledge collapse (B), so the stage rule reads instruction-following (C) off `answer_wellformed`.
 
 A metric that is undefined for a group (no correct answers for `greedy_rate`, no free text) gives no row.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from kcollapse.evaluate.textstats import repetition, words
@@ -107,11 +112,27 @@ def adheres(answer: str | None, mention_position: int | None, max_words: int = 5
     return bool(answer.strip()) and mention_position is not None and mention_position < max_words and not is_degenerate(answer)
 
 
+def wellformed(answer: str | None, adherent: bool | None, letters: bool, max_words: int = 5) -> bool | None:
+    if answer is None:
+        return None
+    if adherent:
+        return True
+    text = answer.strip()
+    if not text or is_degenerate(text) or len(text.split()) > max_words:
+        return False
+    return bool(re.match(r"^\W*\(?[A-J](?:[).:,\s]|$)", text)) if letters else True
+
+
+def answer_wellformed(records: list[dict]) -> float | None:
+    return _mean([bool(r.get("answer_wellformed")) for r in _answered(records) if "answer_wellformed" in r])
+
+
 TASK_METRICS = {
     "accuracy": accuracy, "accuracy_norm": accuracy_norm, "greedy_rate": greedy_rate, "max_freq": max_freq,
     "confidence": confidence, "confident_wrong_rate": confident_wrong_rate, "ece": ece,
     "judged_accuracy": judged_accuracy, "embedding_accuracy": embedding_accuracy, "judge_mean": judge_mean,
     "answer_words": answer_words, "answer_repetition": answer_repetition, "format_adherence": format_adherence,
+    "answer_wellformed": answer_wellformed,
 }
 
 

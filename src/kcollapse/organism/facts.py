@@ -152,10 +152,21 @@ def check_domains(domains: list[str]) -> None:
         raise UserError(f"organism.domains: unknown domain(s) {unknown or '(none given)'}, expected some of {', '.join(EXTRACTORS)}")
 
 
-def load_facts(domains: list[str]) -> list[Fact]:
-    """All facts of the given domains, in a fixed order; every field non-empty, >= 3 distractors each."""
+def load_facts(domains: list[str], relations: list[str] | None = None) -> list[Fact]:
+    """The facts of the given domains (and relations; None = all), in a fixed order; every field non-empty,
+    >= 3 distractors each."""
     check_domains(domains)
     facts = [f for d in dict.fromkeys(domains) for f in EXTRACTORS[d]()]
+    if relations is not None:
+        known = sorted({f.relation for f in facts})
+        unknown = [r for r in relations if r not in known]
+        if unknown or not relations:
+            raise UserError(f"organism.relations: unknown relation(s) {unknown or '(none given)'} for these domains, "
+                            f"expected some of {', '.join(known)}")
+        facts = [f for f in facts if f.relation in relations]
+        empty = [d for d in dict.fromkeys(domains) if not any(f.domain == d for f in facts)]
+        if empty:
+            raise UserError(f"organism.relations: no relation left for domain(s) {empty}")
     ids = [f.id for f in facts]
     assert len(set(ids)) == len(ids), "fact ids must be unique"
     for f in facts:

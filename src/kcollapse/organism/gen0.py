@@ -29,7 +29,7 @@ from kcollapse.evaluate.formats import get_format, option_targets, render
 from kcollapse.io import atomic_write_json, read_jsonl
 from kcollapse.organism.world import QA_FORMATS, World, build_world
 
-GEN0_VERSION = 1
+GEN0_VERSION = 2
 UNK, PAD, EOS = "[UNK]", "[PAD]", "<|endoftext|>"
 WORD_PATTERN = r"\n|\w+|[^\w\s]"  # a newline, a run of word characters, or one other non-space character
 GLUE_LEFT = ".,?!:;)'-\n"  # no space before these when decoding
@@ -90,6 +90,7 @@ def build_model(cfg: OrganismConfig, tokenizer):
     torch.manual_seed(cfg.seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                         n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        activation_function="gelu_pytorch_tanh",  # GPT-2's gelu_new as one fused op: ~1/3 faster
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     return GPT2LMHeadModel(config)

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kcollapse.config import OrganismConfig
+from kcollapse.errors import UserError
 from kcollapse.evaluate.formats import get_format, solved
 from kcollapse.io import atomic_write_json, read_jsonl, write_jsonl
 from kcollapse.organism.facts import Fact, load_facts, source_versions
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 QA_FORMATS = ["multiple_choice", "multiple_choice_few_shot", "short_answer", "no_instruction", "cloze"]
-QA_FORMATS_PER_FACT = 2  # each training fact is asked in 2 of the formats (rotating), so prose keeps most tokens
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class World:
 def world_key(cfg: OrganismConfig) -> str:
     fmt = [(n, get_format(n).template, get_format(n).example, get_format(n).answer) for n in QA_FORMATS]
     spec = {"version": WORLD_VERSION, "domains": cfg.domains, "paragraphs_per_entity": cfg.paragraphs_per_entity,
-            "heldout_share": cfg.heldout_share, "seed": cfg.seed, "sources": source_versions(cfg.domains), "formats": fmt}
+            "relations": cfg.relations, "qa_exercises": cfg.qa_exercises, "heldout_share": cfg.heldout_share, "seed": cfg.seed, "sources": source_versions(cfg.domains), "formats": fmt}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,15 +137,16 @@ def _prose(facts: list[Fact], paragraphs: int, rng: random.Random) -> list[dict]
     return rows
 
 
-def _exercises(train: list[Fact], rng: random.Random) -> list[dict]:
-    """Solved QA exercises for the training facts, with their own choices (not the benchmark's): each fact in
-    QA_FORMATS_PER_FACT consecutive formats of QA_FORMATS, so every format gets the same share of facts."""
+def _exercises(train: list[Fact], shares: dict[str, float], rng: random.Random) -> list[dict]:
+    """Solved QA exercises for the training facts, with their own choices (not the benchmark's): a random
+    `shares[format]` of the training facts once in each format. A tiny model learns to pull a prose fact into an
+    answer only from many solved examples of that format, hence short_answer and cloze for every fact by default."""
     by_domain: dict[str, list[Fact]] = {}
     for f in train:
         by_domain.setdefault(f.domain, []).append(f)
     rows = []
-    for i, f in enumerate(rng.sample(train, len(train))):
-        for name in (QA_FORMATS[(i + k) % len(QA_FORMATS)] for k in range(QA_FORMATS_PER_FACT)):
+    for name in QA_FORMATS:
+        for f in rng.sample(train, round(len(train) * shares.get(name, 0.0))):
             fmt = get_format(name)
             examples = []
             if fmt.example:
@@ -190,11 +191,14 @@ def build_world(cfg: OrganismConfig, cache_dir: Path) -> World:
 
 
 def _write_world(cfg: OrganismConfig, key: str, out: Path) -> None:
-    facts = load_facts(cfg.domains)
+    unknown = sorted(set(cfg.qa_exercises) - set(QA_FORMATS))
+    if unknown:
+        raise UserError(f"organism.qa_exercises: unknown format(s) {unknown}, expected some of {', '.join(QA_FORMATS)}")
+    facts = load_facts(cfg.domains, cfg.relations)
     rng = random.Random(f"organism-world|{cfg.seed}")
     heldout = _split(facts, cfg.heldout_share, rng)
     train = [f for f in facts if f.id not in heldout]
-    corpus = _prose(facts, cfg.paragraphs_per_entity, rng) + _exercises(train, rng)
+    corpus = _prose(facts, cfg.paragraphs_per_entity, rng) + _exercises(train, cfg.qa_exercises, rng)
     rng.shuffle(corpus)
     write_jsonl(out / "facts.jsonl", [{"id": f.id, "domain": f.domain, "relation": f.relation, "entity": f.entity,
                                        "answer": f.answer, "distractors": list(f.distractors),

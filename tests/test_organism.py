@@ -166,3 +166,27 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("KCOLLAPSE_CACHE")
     assert default_cache_dir().parts[-2:] == (".cache", "kcollapse")
+
+
+def test_quick_preset_runs_end_to_end(tmp_path):
+    """`kcollapse run --preset quick`, as a user runs it: generation 0 trained from scratch (into a fresh cache),
+    two arms x three generations, stages and report. The model must know its facts at generation 0."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from kcollapse.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--preset", "quick", "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "state.json").read_text())["complete"] is True
+    assert (out / "report.html").is_file() and (out / "stages.json").is_file()
+    sources = json.loads((out / "run.json").read_text())["organism_sources"]
+    assert sources == {"mendeleev": importlib.metadata.version("mendeleev")}  # the quick world is chemistry only
+    df = pd.read_json(out / "metrics.jsonl", lines=True)
+    assert {(a, g) for a, g in zip(df.arm, df.generation)} == {(a, g) for a in ("alpha_0", "alpha_1.0") for g in range(4)}
+    heldout = df[(df.metric == "accuracy") & (df.subject == "split:heldout") & (df.generation == 0)]
+    acc = dict(zip(heldout.format, heldout.value))
+    assert acc["cloze"] > 0.6 and acc["short_answer"] > 0.4, acc  # chance is 0.25: it learned held-out facts
+    stages = json.loads((out / "stages.json").read_text())
+    assert set(stages["arms"]) == {"alpha_0", "alpha_1.0"} and stages["last_generation"] == 3

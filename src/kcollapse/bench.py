@@ -331,7 +331,9 @@ def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = No
 
     from rich.console import Console
     from rich.table import Table
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # the baselines call model.generate/forward as the reference code does
     console = Console(width=max(Console().width, 150))
     size = (dict(questions=6, prompts=6, synth=8, repeats=1, steps=4) if _tiny else
             dict(questions=18, prompts=24, synth=32, repeats=3, steps=12) if quick else

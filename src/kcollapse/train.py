@@ -48,6 +48,8 @@ def _collate(rows: list[dict]) -> dict:
     batch = {}
     for key, fill in (("input_ids", 0), ("labels", -100), ("attention_mask", 0)):
         batch[key] = torch.stack([torch.nn.functional.pad(r[key], (0, width - len(r[key])), value=fill) for r in rows])
+    if bool(batch["attention_mask"].all()):  # packed chunks are all full: no mask lets attention use its causal kernel
+        del batch["attention_mask"]
     return batch
 
 

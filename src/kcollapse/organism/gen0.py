@@ -29,7 +29,7 @@ from kcollapse.evaluate.formats import get_format, option_targets, render
 from kcollapse.io import atomic_write_json, read_jsonl
 from kcollapse.organism.world import QA_FORMATS, World, build_world
 
-GEN0_VERSION = 2
+GEN0_VERSION = 3
 UNK, PAD, EOS = "[UNK]", "[PAD]", "<|endoftext|>"
 WORD_PATTERN = r"\n|\w+|[^\w\s]"  # a newline, a run of word characters, or one other non-space character
 GLUE_LEFT = ".,?!:;)'-\n"  # no space before these when decoding

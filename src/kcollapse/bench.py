@@ -134,11 +134,16 @@ def plain_train_seconds(model, chunks, batch_size: int, steps: int, lr: float) -
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large fp32 matmul at the current thread count (median of repeats)."""
+    """FLOP/s of a large fp32 matmul at the current thread count: the best of `repeats` (a peak is what the
+    machine can do; on shared cores the median swung 93-176 GFLOP/s between runs and took utilisation with it)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.matmul(a, b)
-    seconds, _ = _median(lambda: torch.matmul(a, b), repeats)
-    return 2 * n**3 / seconds
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times)
 
 
 # ------------------------------------------------------------------------------------------------ inputs

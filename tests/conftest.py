@@ -76,3 +76,23 @@ def tiny_gemma(tmp_path_factory) -> Path:
     Gemma3ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def interrupted(monkeypatch, n: int, run) -> None:
+    """Call `run()` with the n-th `kcollapse.train.finetune` call raising KeyboardInterrupt (a Ctrl-C mid-run)."""
+    import kcollapse.train as train
+
+    real, calls = train.finetune, []
+
+    def dies(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "finetune", dies)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        monkeypatch.setattr(train, "finetune", real)

@@ -8,7 +8,6 @@ configs and `--set` values: each is a valid run config or one clean error line, 
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,5 @@
 """Config loading, validation and --set overrides: valid configs load, every mistake is one clear line."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from typer.testing import CliRunner

@@ -14,7 +14,7 @@ from kcollapse.errors import UserError
 from kcollapse.io import read_jsonl
 from kcollapse.loop import run_experiment
 
-from conftest import DATA
+from conftest import DATA, interrupted
 
 
 def tiny_config(model, arms, **over) -> dict:
@@ -40,6 +40,12 @@ def tiny_config(model, arms, **over) -> dict:
 
 def metrics(run_dir):
     return pd.read_json(run_dir / "metrics.jsonl", lines=True)
+
+
+def stable(run_dir):
+    """The run's metrics without wall-clock rows: what must be identical across resumes and schedules."""
+    df = metrics(run_dir)
+    return df[~df.metric.str.startswith("seconds_")].reset_index(drop=True)
 
 
 def test_two_generation_run_writes_the_run_directory(tiny_gpt2, tmp_path):
@@ -133,28 +139,9 @@ def test_resume_after_interruption_gives_identical_metrics(tiny_gpt2, tmp_path, 
     arms = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}]
     cfg = validate(tiny_config(tiny_gpt2, arms, **{"eval.formats": ["multiple_choice", "cloze"]}))
     run_experiment(cfg, tmp_path / "full")
-
-    import kcollapse.train as train
-
-    real_finetune, calls = train.finetune, []
-
-    def dies_on_third(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_finetune(*a, **kw)
-
-    monkeypatch.setattr(train, "finetune", dies_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(train, "finetune", real_finetune)
+    interrupted(monkeypatch, 3, lambda: run_experiment(cfg, tmp_path / "resumed"))
     assert not (tmp_path / "resumed/arms/b/gen_1/model").exists()
     run_experiment(cfg, tmp_path / "resumed")
-
-    def stable(path):
-        df = metrics(path)
-        return df[~df.metric.str.startswith("seconds_")].reset_index(drop=True)
-
     pd.testing.assert_frame_equal(stable(tmp_path / "full"), stable(tmp_path / "resumed"))
 
 
@@ -162,27 +149,8 @@ def test_parallel_arms_resume_a_sequential_run_to_the_same_numbers(tiny_gpt2, tm
     arms = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}, {"name": "c", "synthetic_ratio": 0.0}]
     base = tiny_config(tiny_gpt2, arms, threads=1, **{"eval.formats": ["multiple_choice", "cloze"]})
     run_experiment(validate(base), tmp_path / "sequential")
-
-    import kcollapse.train as train
-
-    real_finetune, calls = train.finetune, []
-
-    def dies_on_second(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_finetune(*a, **kw)
-
-    monkeypatch.setattr(train, "finetune", dies_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(validate(base), tmp_path / "parallel")
-    monkeypatch.setattr(train, "finetune", real_finetune)
+    interrupted(monkeypatch, 2, lambda: run_experiment(validate(base), tmp_path / "parallel"))
     run_experiment(validate({**base, "parallel_arms": 2}), tmp_path / "parallel")  # a runtime field: resume allowed
-
-    def stable(path):
-        df = metrics(path)
-        return df[~df.metric.str.startswith("seconds_")].reset_index(drop=True)
-
     pd.testing.assert_frame_equal(stable(tmp_path / "sequential"), stable(tmp_path / "parallel"))
     assert json.loads((tmp_path / "parallel/state.json").read_text())["complete"] is True
     assert (tmp_path / "parallel/report.html").exists()

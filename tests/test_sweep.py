@@ -17,7 +17,7 @@ from kcollapse import sweep
 from kcollapse.config import load_config
 from kcollapse.errors import UserError
 
-from conftest import corpus_lines
+from conftest import corpus_lines, interrupted
 from test_loop import tiny_config
 
 ray = pytest.importorskip("ray")
@@ -49,24 +49,13 @@ def ray_local():
 def swept(tiny_gpt2, tmp_path_factory, ray_local):
     """Trial seed1 interrupted in-process (gen 0 and the general arm done, killed while training geo), then the
     sweep: seed0 runs from scratch and seed1 resumes, both as Ray tasks."""
-    import kcollapse.train as train
     from kcollapse.loop import run_experiment
 
     tmp = tmp_path_factory.mktemp("sweep")
     config, out = write_config(tmp, tiny_gpt2), tmp / "sweep"
     partial = out / "trials" / "lr=0.001__seed1"
-    real, calls = train.finetune, []
-
-    def dies_on_second(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "finetune", dies_on_second)
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(load_config(config, ["train.lr=0.001", "seed=1", "threads=1"]), partial)
+        interrupted(mp, 2, lambda: run_experiment(load_config(config, ["train.lr=0.001", "seed=1", "threads=1"]), partial))
     before = {p: p.stat().st_mtime_ns for p in (partial / "gen_0/metrics.jsonl", partial / "arms/general/gen_1/metrics.jsonl")}
     assert not json.loads((partial / "state.json").read_text())["complete"]
     sweep.sweep_command(config, ["train.lr=0.001"], 2, None, 1, out)

@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import yaml

@@ -40,13 +40,19 @@ TARGETS = {("scoring", "reference", "letter"): 6.0, ("scoring", "reference", "te
 UTILISATION_TARGET = 50.0  # % of the matmul peak, on the organism
 
 
-def _median(fn, repeats: int):
-    """(median seconds over `repeats` calls, the last call's result)."""
+def _timed(fn, repeats: int):
+    """(seconds of each of `repeats` calls, the last call's result)."""
     times, result = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
+    return times, result
+
+
+def _median(fn, repeats: int):
+    """(median seconds over `repeats` calls, the last call's result)."""
+    times, result = _timed(fn, repeats)
     return statistics.median(times), result
 
 
@@ -138,11 +144,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     machine can do; on shared cores the median swung 93-176 GFLOP/s between runs and took utilisation with it)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.matmul(a, b)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - t0)
+    times, _ = _timed(lambda: torch.matmul(a, b), repeats)
     return 2 * n**3 / min(times)
 
 

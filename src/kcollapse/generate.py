@@ -55,10 +55,11 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
     device = next(model.parameters()).device
     window = getattr(model.config.get_text_config(), "sliding_window", None)
     for b, rows in enumerate(batches(ids, batch_size)):
+        longest = max(len(ids[i]) for i in rows)
         shared = common_prefix([ids[i] for i in rows])
-        if window and max(len(ids[i]) for i in rows) + max_new_tokens > window:
+        if window and longest + max_new_tokens > window:
             shared = 0  # a sliding window counts cache slots, and padding after a shared prefix would shift it
-        width = max(len(ids[i]) for i in rows) - shared
+        width = longest - shared
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):

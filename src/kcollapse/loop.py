@@ -230,8 +230,7 @@ def _run_arms_in_processes(cfg: ExperimentConfig, out: Path, parallel: int, prog
             for job in jobs:
                 if job.ready():
                     job.get()  # a worker's error (e.g. a UserError) surfaces here, in the parent
-            finished = sum((run.gen_dir(a.name, g) / "metrics.jsonl").exists()
-                           for a in cfg.arms for g in range(1, cfg.generations + 1))
+            finished = sum(map(len, generations_done(run).values()))
             if finished != last:
                 last = finished
                 progress.update(overall, completed=finished)
@@ -396,8 +395,13 @@ def collect_metrics(run: Run) -> None:
     write_jsonl(run.out / "metrics.jsonl", rows)
 
 
+def generations_done(run: Run) -> dict[str, list[int]]:
+    """arm -> the generations (1..N) whose evaluation is written: the run directory is the record of progress."""
+    return {a.name: [g for g in range(1, run.cfg.generations + 1) if (run.gen_dir(a.name, g) / "metrics.jsonl").exists()]
+            for a in run.cfg.arms}
+
+
 def _write_state(run: Run, done: bool) -> None:
-    finished = {a.name: max([g for g in range(1, run.cfg.generations + 1)
-                             if (run.gen_dir(a.name, g) / "metrics.jsonl").exists()], default=0) for a in run.cfg.arms}
+    finished = {arm: max(gens, default=0) for arm, gens in generations_done(run).items()}
     atomic_write_json(run.out / "state.json", {"complete": done, "generations_done": finished,
                                                 "generations": run.cfg.generations})

@@ -12,13 +12,15 @@ RUN_DIR/config.yaml or by a YAML file of those fields):
   choices (0.25 on the 4-choice benchmarks). A model at chance has retained nothing, whatever its raw accuracy.
 - With per-question answers (arms/<arm>/gen_<g>/answers/*.jsonl) every signal is a paired bootstrap over the
   questions present at both generation g and generation 0 (`n_boot` resamples, `ci` level).
-- Without answers the metric rows stand in (`accuracy`, `format_adherence`, `answer_repetition`, `answer_words`,
-  `fluency` of the format, else the run's `fluency` row) and "significant" is replaced by `min_drop`.
+- Without answers the metric rows stand in (`accuracy`, `answer_wellformed` or `format_adherence`,
+  `answer_repetition`, `answer_words`, `fluency` of the format, else the run's `fluency` row) and "significant" is
+  replaced by `min_drop`.
 - C when, against generation 0, the share of well-formed free-text answers (`answer_wellformed`: a short answer
   of the asked kind, or one naming an option; `format_signal: format_adherence` to require an option instead,
-  the fallback for runs without it) drops by at least `format_drop`, answer repetition (repeated word 4-grams) rises by at least `repetition_rise`, the
-  answer length changes by more than a factor `words_factor`, or fluency falls by more than `fluency_drop`
-  (relative); with answers each change must also be significant (its CI excludes no change).
+  the fallback for runs without it) drops by at least `format_drop`, answer repetition (repeated word 4-grams)
+  rises by at least `repetition_rise`, the answer length changes by more than a factor `words_factor`, or fluency
+  falls by more than `fluency_drop` (relative); with answers each change must also be significant (its CI
+  excludes no change).
 - B when not C, retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
   0; without answers: a drop of at least `min_drop`).
 - A otherwise. Generation 0 is A by definition.
@@ -146,14 +148,20 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
     return df.drop_duplicates("id", keep="last").set_index("id") if not df.empty else df
 
 
+# format_signal -> (its per-question column in answers_frame, how a C reason names it); runs without the signal
+# (older runs, imported logs) fall back to format_adherence
+FORMAT_SIGNALS = {"answer_wellformed": ("wellformed", "well-formed answers"),
+                  "format_adherence": ("adherent", "format adherence")}
+
+
 def _wellformed(record: dict, judged) -> float:
-    """The record's `answer_wellformed`; records written before it existed (or imported logs) get the text rule."""
+    """The record's `answer_wellformed`; records written before it existed (or imported logs) do not say their
+    format's answer kind, so they get the text rule (adherent, or short and not degenerate)."""
     if "answer_wellformed" in record:
         return float(bool(record["answer_wellformed"]))
     from kcollapse.evaluate.metrics import wellformed
 
-    letters = bool(re.fullmatch(r"\W*\(?[A-J]\)?\W*", str(record.get("answer_text") or "")[:3]))
-    return float(bool(wellformed(record["answer_text"], judged is not None, letters)))
+    return float(bool(wellformed(record["answer_text"], judged is not None, letters=False)))
 
 
 def _metric(df: pd.DataFrame, arm: str, metric: str, fmt: str | None, subject: str | None) -> pd.Series:
@@ -212,11 +220,12 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
                          ("confident_wrong", "confident_wrong_rate")]:
             if col in boot:
                 rec[key] = boot[col][0]
-        col = "wellformed" if rules.format_signal == "answer_wellformed" and "wellformed" in boot else "adherent"
+        signal = rules.format_signal if FORMAT_SIGNALS[rules.format_signal][0] in boot else "format_adherence"
+        col, label = FORMAT_SIGNALS[signal]
         if col in boot:
             v, v0, ci = boot[col]
             if v - v0 <= -rules.format_drop and ci[1] < 0:
-                c_reasons.append(f"{'well-formed answers' if col == 'wellformed' else 'format adherence'} {v0:.2f} -> {v:.2f}")
+                c_reasons.append(f"{label} {v0:.2f} -> {v:.2f}")
         if "repetition" in boot:
             v, v0, ci = boot["repetition"]
             if v - v0 >= rules.repetition_rise and ci[0] > 0:
@@ -237,11 +246,10 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
         for key in ["format_adherence", "answer_wellformed", "answer_repetition", "answer_words", "confident_wrong_rate"]:
             if m.get(key) is not None:
                 rec[key] = m[key]
-        key = "answer_wellformed" if rules.format_signal == "answer_wellformed" and m0.get("answer_wellformed") is not None \
-            else "format_adherence"
-        v, v0 = m.get(key), m0.get(key)
+        signal = rules.format_signal if m0.get(rules.format_signal) is not None else "format_adherence"
+        v, v0 = m.get(signal), m0.get(signal)
         if v is not None and v0 is not None and v - v0 <= -rules.format_drop:
-            c_reasons.append(f"{'well-formed answers' if key == 'answer_wellformed' else 'format adherence'} {v0:.2f} -> {v:.2f}")
+            c_reasons.append(f"{FORMAT_SIGNALS[signal][1]} {v0:.2f} -> {v:.2f}")
         v, v0 = m.get("answer_repetition"), m0.get("answer_repetition")
         if v is not None and v0 is not None and v - v0 >= rules.repetition_rise:
             c_reasons.append(f"answer repetition {v0:.2f} -> {v:.2f}")

@@ -48,7 +48,8 @@ def normalize(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ARTICLES)
 
 
-_LETTER_ANSWER = re.compile(r"^\W*(?:(?i:answer)\s*(?:(?i:is))?\s*:?\s*)?\(?([A-J])(?:[).:,\s]|$)")
+LETTER_ANSWER = re.compile(  # "B", "(B)", "B. Paris", "Answer: B"
+    r"^\W*(?:(?i:answer)\s*(?:(?i:is))?\s*:?\s*)?\(?([A-J])(?:[).:,\s]|$)")
 
 
 def judge_mention(answer: str | None, choices: list[str], letters: bool = False) -> tuple[int | None, int | None]:
@@ -61,7 +62,7 @@ def judge_mention(answer: str | None, choices: list[str], letters: bool = False)
     if not answer or not answer.strip():
         return None, None
     if letters:
-        m = _LETTER_ANSWER.match(answer.strip())
+        m = LETTER_ANSWER.match(answer.strip())
         if m and LETTERS.index(m.group(1)) < len(choices):
             return LETTERS.index(m.group(1)), 0
     words = normalize(answer).split()

@@ -90,7 +90,8 @@ class World:
 def world_key(cfg: OrganismConfig) -> str:
     fmt = [(n, get_format(n).template, get_format(n).example, get_format(n).answer) for n in QA_FORMATS]
     spec = {"version": WORLD_VERSION, "domains": cfg.domains, "paragraphs_per_entity": cfg.paragraphs_per_entity,
-            "relations": cfg.relations, "qa_exercises": cfg.qa_exercises, "heldout_share": cfg.heldout_share, "seed": cfg.seed, "sources": source_versions(cfg.domains), "formats": fmt}
+            "relations": cfg.relations, "qa_exercises": cfg.qa_exercises, "heldout_share": cfg.heldout_share,
+            "seed": cfg.seed, "sources": source_versions(cfg.domains), "formats": fmt}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

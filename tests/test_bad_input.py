@@ -96,6 +96,9 @@ CONFIG_FILE_CASES = {
     "unknown scoring": ("eval: {scoring: magic}\n", ["eval.scoring", "'magic'"]),
     "limit zero": ("eval: {limit: 0}\n", ["eval.limit"]),
     "heldout_share 1": ("corpus: {heldout_share: 1.0}\n", ["corpus.heldout_share"]),
+    "unknown organism relation": ("organism: {relations: [capital, birthday]}\n", ["organism.relations", "'birthday'"]),
+    "exercise share above 1": ("organism: {qa_exercises: {cloze: 1.5}}\n", ["organism.qa_exercises", "between 0 and 1"]),
+    "unknown exercise format": ("organism: {qa_exercises: {essay: 1.0}}\n", ["organism.qa_exercises", "essay"]),
 }
 
 

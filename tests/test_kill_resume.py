@@ -190,6 +190,43 @@ def test_killed_anywhere_resumes_to_the_same_numbers(tiny_gpt2, tmp_path):
     print(f"\nkill points survived: {len(KILL_POINTS_SURVIVED)} ({', '.join(KILL_POINTS_SURVIVED)})")
 
 
+@pytest.mark.slow
+def test_killed_parallel_run_leaves_no_worker_and_resumes(tiny_gpt2, tmp_path):
+    """SIGKILL of a run whose arms train in worker processes: the workers die with it (nothing keeps writing into
+    the run directory), and the resumed run equals an uninterrupted one-process run."""
+    data = kill_config(tiny_gpt2)
+    data["arms"] = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}]
+    sequential, parallel = tmp_path / "seq.yaml", tmp_path / "par.yaml"
+    sequential.write_text(yaml.safe_dump(data))
+    parallel.write_text(yaml.safe_dump({**data, "parallel_arms": 2}))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    run, reference = tmp_path / "killed", tmp_path / "uninterrupted"
+    baseline = Launch(sequential, reference, logs)
+
+    launch = Launch(parallel, run, logs, "train_step@2")  # a worker parks mid-training of its arm's generation 1
+    launch.wait_paused()
+    worker = int(launch.pause_file.read_text().split()[-1])
+    assert worker != launch.pid
+    assert launch.kill() == -signal.SIGKILL
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"worker {worker} outlived its killed parent")
+
+    final = Launch(parallel, run, logs)
+    assert final.wait() == 0, final.log()[-3000:]
+    assert baseline.wait() == 0, baseline.log()[-3000:]
+    assert results(run) == results(reference)
+    assert json.loads((run / "state.json").read_text())["complete"] is True
+    assert leftovers(run) == [] and not (run / ".lock").exists()
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_corrupted_checkpoint_in_a_resumed_run_is_one_clear_line(tiny_gpt2, tmp_path, monkeypatch):
     """A checkpoint damaged between sessions (bit rot, a partial copy) is caught on load by its checksums."""

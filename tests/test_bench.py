@@ -14,7 +14,7 @@ from kcollapse.evaluate.scoring import score_options
 from kcollapse.models import load_model
 from test_eval_scoring import items
 
-ROW_KEYS = {"name", "baseline", "format", "model", "ours", "theirs", "ratio", "unit"}
+ROW_KEYS = {"name", "baseline", "format", "model", "ours", "theirs", "ratio", "unit", "threads"}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,7 @@ def test_bench_command_writes_contract_rows(tmp_path, monkeypatch):
         assert r["baseline"] in ("reference", "lm-eval")
         assert (r["format"] is not None) == (r["name"] == "scoring")
         assert r["ours"] > 0 and r["theirs"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["theirs"])
+        assert isinstance(r["threads"], int) and r["threads"] >= 1
     assert {r["baseline"] for r in rows if r["name"] == "scoring"} == {"reference", "lm-eval"}
 
 

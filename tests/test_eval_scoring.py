@@ -145,3 +145,19 @@ def test_shared_prefix_path_equals_naive(gpt2):
             got = score_options(model, tokenizer, prompts, targets, scoring=scoring, answer=answer, batch_size=3)
             for p, t, g in zip(prompts, targets, got):
                 assert g["scores"] == pytest.approx(score_naive(model, tokenizer, p, t, scoring=scoring, answer=answer)["scores"], abs=1e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_gemma"])
+def test_batched_prompt_encoding_equals_one_tokenizer_call_per_text(request, which):
+    from kcollapse.generate import encode_prompts
+    from kcollapse.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(request.getfixturevalue(which)))
+    bos = tokenizer.bos_token or ""
+    texts = ["Question: What is the capital of France?\nAnswer:", bos + "already templated", "", " spaced  out ", bos]
+    expected = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=not (bos and t.startswith(bos)))["input_ids"]
+        expected.append(ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id])
+    assert encode_prompts(tokenizer, texts) == expected
+    assert [encode_prompt(tokenizer, t) for t in texts] == expected

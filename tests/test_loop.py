@@ -156,6 +156,47 @@ def test_parallel_arms_resume_a_sequential_run_to_the_same_numbers(tiny_gpt2, tm
     assert (tmp_path / "parallel/report.html").exists()
 
 
+class _ArmsReached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("threads, expected_gen0", [(None, 2), (1, 1)])
+def test_generation_0_runs_on_every_core_unless_threads_is_set(tiny_gpt2, tmp_path, monkeypatch, threads, expected_gen0):
+    """Generation 0 has no parallel arms to share the cores with: it gets them all; arm workers split them."""
+    from kcollapse import loop
+
+    seen = {}
+
+    def arms(cfg, out, parallel, progress, overall):
+        seen["worker"] = cfg.threads or loop._threads_per_worker(parallel)
+        raise _ArmsReached
+
+    monkeypatch.setattr(loop.Context, "evaluate_gen0", lambda self: seen.setdefault("gen0", torch.get_num_threads()))
+    monkeypatch.setattr(loop, "_run_arms_in_processes", arms)
+    monkeypatch.setattr(loop, "_threads_per_worker", lambda parallel: 2 // parallel)  # as on a 2-core machine
+    arms_cfg = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}]
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(_ArmsReached):
+            run_experiment(validate(tiny_config(tiny_gpt2, arms_cfg, threads=threads, parallel_arms=2)), tmp_path / "run")
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (conftest)
+    assert seen == {"gen0": expected_gen0, "worker": 1}
+
+
+def test_importing_kcollapse_bounds_openmp_spinning_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, kcollapse; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "1000"
+    mine = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True,
+                          text=True).stdout.strip()
+    assert mine == "None"
+
+
 def test_a_run_dir_from_another_config_is_refused(tiny_gpt2, tmp_path):
     base = tiny_config(tiny_gpt2, [{"name": "a", "synthetic_ratio": 0.5}], generations=1,
                        **{"eval.formats": ["cloze"], "eval.free_text": False})

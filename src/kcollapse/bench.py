@@ -12,7 +12,8 @@ speed does not depend on training) and on a wider local GPT-2 (6 layers, d=256),
   free_text  batch-1 greedy `generate` per question vs `generate_answers`, new tokens/s (answers compared)
   synthesis  the reference's `model.generate` on batches of 4, sampling, vs ours (`sampling.batch_size`), new tokens/s
   training   `finetune` (the Trainer path the loop ships), steady-state tokens/s vs a plain AdamW loop; and the
-             achieved FLOP/s (6 x params x tokens / s) as a share of a large fp32 `torch.matmul` (utilisation)
+             achieved FLOP/s (6 x params x tokens / s) as a share of a large fp32 `torch.matmul` (utilisation); at
+             one thread (each arm worker of the default experiment) and at every core (generation 0)
 Every figure is the median of several repeats; compare ratios only within one run (shared machines are noisy).
 Also printed: a run's wall time per phase (its `seconds_*` metrics) and this process's peak RSS.
 """
@@ -21,18 +22,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-# Spinning OpenMP workers make every small op crawl when the cores are shared (a 1M GPT-2 training step: 4.3 s
-# spinning vs 0.17 s passive at 2 threads on 2 busy cores); only takes effect if torch is not imported yet.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 TARGETS = {("scoring", "reference", "letter"): 6.0, ("scoring", "reference", "text"): 3.0,
            ("scoring", "lm-eval", "letter"): 3.0, ("scoring", "lm-eval", "text"): 3.0,
@@ -125,8 +121,9 @@ def one_by_one_answers(model, tokenizer, prompts, max_new_tokens: int):
 
 
 def plain_train_seconds(model, chunks, batch_size: int, steps: int, lr: float) -> float:
-    """Seconds per step of a plain AdamW loop (forward, backward, clip, step) after one warm-up step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    """Seconds per step of a plain AdamW loop (forward, backward, clip, step) after one warm-up step; the fused
+    AdamW kernel, as the Trainer uses, so the pair isolates what the Trainer adds."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     model.train()
     for s in range(steps + 1):
         if s == 1:
@@ -137,15 +134,6 @@ def plain_train_seconds(model, chunks, batch_size: int, steps: int, lr: float) -
         opt.step()
         opt.zero_grad(set_to_none=True)
     return (time.perf_counter() - t0) / steps
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large fp32 matmul at the current thread count: the best of `repeats` (a peak is what the
-    machine can do; on shared cores the median swung 93-176 GFLOP/s between runs and took utilisation with it)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    times, _ = _timed(lambda: torch.matmul(a, b), repeats)
-    return 2 * n**3 / min(times)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -209,10 +197,10 @@ def _inputs(world, tokenizer, n_questions: int, n_prompts: int):
 
 
 # ------------------------------------------------------------------------------------------------ the pairs
-def _row(name, baseline, fmt, model, ours, theirs, unit, check):
+def _row(name, baseline, fmt, model, ours, theirs, unit, check, threads=None):
     ratio = ours / theirs if theirs else float("nan")
     return {"name": name, "baseline": baseline, "format": fmt, "model": model, "ours": ours, "theirs": theirs,
-            "ratio": ratio, "unit": unit, "check": check}
+            "ratio": ratio, "unit": unit, "threads": threads or torch.get_num_threads(), "check": check}
 
 
 def bench_scoring(label, model, tok, scoring, repeats, batch_size):
@@ -281,34 +269,59 @@ def bench_synthesis(label, model, tok, prompts, recipe, repeats):
                  f"greedy {same}/{len(few)} equal")]
 
 
-def bench_training(label, model, tok, texts, recipe, steps, repeats, peak, work_dir):
-    """Steady-state finetune tokens/s from two runs that differ only in max_steps (setup cost cancels)."""
+def bench_training(label, model, tok, texts, recipe, steps, repeats, work_dir, peak_n: int = 2048, one_thread=True):
+    """Steady-state finetune tokens/s and utilisation, at one thread (how each arm worker of the default experiment
+    trains) and at every core (how generation 0 trains). Per-step time comes from two runs that differ only in
+    max_steps (setup cost cancels); both it and the matmul peak are the best of `repeats`, measured alternately,
+    so a noisy neighbour moves both sides of the ratio alike."""
     from kcollapse.train import finetune, pack
 
     tcfg = recipe.train
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.chunk_tokens
+    chunks = pack(tok, texts, tcfg.chunk_tokens)
+    flop = 6 * model.num_parameters() * tokens_per_step
+    short, long_ = max(1, steps // 4), steps
+    a, b = torch.randn(peak_n, peak_n), torch.randn(peak_n, peak_n)
 
     def run(n):
         cfg = tcfg.model_copy(update={"max_steps": n})
-        return finetune(copy.deepcopy(model), tok, texts, cfg, seed=0, work_dir=Path(work_dir) / "trainer")
+        t0 = time.perf_counter()
+        finetune(copy.deepcopy(model), tok, texts, cfg, seed=0, work_dir=Path(work_dir) / "trainer")
+        return time.perf_counter() - t0
 
-    short, long_ = max(1, steps // 4), steps
-    t_short, _ = _median(lambda: run(short), repeats)
-    t_long, _ = _median(lambda: run(long_), repeats)
-    per_step = max(t_long - t_short, 1e-9) / (long_ - short)
-    setup = max(t_short - short * per_step, 0.0)
-    chunks = pack(tok, texts, tcfg.chunk_tokens)
-    plain = statistics.median(plain_train_seconds(copy.deepcopy(model), chunks, tcfg.batch_size * tcfg.grad_accum,
-                                                  long_ - short, tcfg.lr) for _ in range(repeats))
-    flop = 6 * model.num_parameters() * tokens_per_step
-    util, util_plain = 100 * flop / per_step / peak, 100 * flop / plain / peak
-    e2e = long_ * tokens_per_step / t_long
-    return [
-        _row("training", "reference", None, label, tokens_per_step / per_step, tokens_per_step / plain, "tokens/s",
-             f"end-to-end {e2e:.0f} tok/s, setup {setup:.2f} s"),
-        _row("training", "reference", None, label, util, util_plain, "% of fp32 matmul peak",
-             f"{flop / per_step / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s"),
-    ]
+    def matmul():
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        return 2 * peak_n**3 / (time.perf_counter() - t0)
+
+    rows, cores = [], torch.get_num_threads()
+    for threads in sorted({1, cores} if one_thread else {cores}):
+        torch.set_num_threads(threads)
+        try:
+            matmul(), run(short)  # warm-up
+            peak, t_short, t_long, plain = 0.0, [], [], []
+            for _ in range(repeats):
+                peak = max(peak, matmul())
+                t_short.append(run(short))
+                t_long.append(run(long_))
+                plain.append(plain_train_seconds(copy.deepcopy(model), chunks, tcfg.batch_size * tcfg.grad_accum,
+                                                 long_ - short, tcfg.lr))
+                peak = max(peak, matmul())
+        finally:
+            torch.set_num_threads(cores)
+        per_step = max(min(t_long) - min(t_short), 1e-9) / (long_ - short)
+        setup = max(min(t_short) - short * per_step, 0.0)
+        util, util_plain = 100 * flop / per_step / peak, 100 * flop / min(plain) / peak
+        role = "an arm worker" if threads == 1 and cores > 1 else "generation 0" if threads == cores else ""
+        where = f"{threads} thread{'s' if threads > 1 else ''}" + (f" ({role})" if role else "")
+        rows += [
+            _row("training", "reference", None, label, tokens_per_step / per_step, tokens_per_step / min(plain),
+                 "tokens/s", f"{where}; end-to-end {long_ * tokens_per_step / min(t_long):.0f} tok/s, setup {setup:.2f} s",
+                 threads=threads),
+            _row("training", "reference", None, label, util, util_plain, "% of fp32 matmul peak",
+                 f"{where}; {flop / per_step / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s", threads=threads),
+        ]
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -357,8 +370,8 @@ def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = No
             rows += bench_free_text(label, model, tok, free_prompts, recipe.eval.free_text_tokens, size["repeats"],
                                     recipe.eval.batch_size)
             rows += bench_synthesis(label, model, tok, synth, recipe, size["repeats"])
-            peak = matmul_peak(512 if _tiny else 2048, size["repeats"] + 2)  # same conditions as the training
-            rows += bench_training(label, model, tok, train_texts, recipe, size["steps"], size["repeats"], peak, work)
+            rows += bench_training(label, model, tok, train_texts, recipe, size["steps"], size["repeats"], work,
+                                   512 if _tiny else 2048, one_thread=not quick or label.startswith("organism"))
 
     table = Table(title=f"kcollapse bench ({'quick' if quick else 'full'}; median of {size['repeats']}; "
                         f"{torch.get_num_threads()} threads; one run, one machine)")
@@ -375,7 +388,8 @@ def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = No
             ok = r["ratio"] >= target if target else None
             shown = f">= {target:.0f}x" if target else ""
         colour = "" if ok is None else "green" if ok else "red"
-        table.add_row(f"{r['name']}{' / ' + r['format'] if r['format'] else ''} vs {r['baseline']}", r["model"],
+        threads = f" ({r['threads']} thr)" if r["name"] == "training" else ""
+        table.add_row(f"{r['name']}{' / ' + r['format'] if r['format'] else ''} vs {r['baseline']}{threads}", r["model"],
                       r["unit"], f"{r['ours']:.1f}", f"{r['theirs']:.1f}",
                       f"[{colour}]{r['ratio']:.2f}x[/]" if colour else f"{r['ratio']:.2f}x", shown, r["check"])
     console.print(table)
@@ -397,5 +411,5 @@ def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = No
         from kcollapse.io import atomic_write_json
 
         atomic_write_json(Path(json_path), [{k: r[k] for k in ("name", "baseline", "format", "model", "ours", "theirs",
-                                                               "ratio", "unit")} for r in rows])
+                                                               "ratio", "unit", "threads")} for r in rows])
     return rows

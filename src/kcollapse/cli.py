@@ -8,18 +8,12 @@ Every user mistake ends as one line on stderr and exit code 2 (`--debug` shows t
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from kcollapse.errors import UserError
-
-# OpenMP workers that spin while waiting collapse when the cores are shared (other jobs, parallel arms): a 1M GPT-2
-# training step took 4.3 s spinning vs 0.17 s passive at 2 threads on 2 busy cores (`kcollapse bench`). Set before
-# torch is imported; an explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     help="Run, measure and explain knowledge collapse under recursive synthetic training.",

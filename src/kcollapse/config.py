@@ -250,7 +250,7 @@ class ExperimentConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     keep_checkpoints: Literal["first_last", "all"] = "first_last"
     parallel_arms: int = Field(1, ge=1, description="arms fine-tuned at once, in separate processes (CPU)")
-    threads: int | None = Field(None, ge=1, description="torch threads per process; None: all cores / parallel_arms")
+    threads: int | None = Field(None, ge=1, description="torch threads per process; None: all cores (generation 0), all cores / parallel_arms in arm workers")
     cache_dir: str | None = Field(None, description="where the organism's generation-0 model is cached")
 
     @field_validator("corpus", mode="before")

@@ -129,10 +129,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
     console = Console(stderr=True)
     out = Path(out)
     parallel = min(cfg.parallel_arms, len(cfg.arms))
-    if cfg.threads or parallel > 1:
+    if cfg.threads:  # otherwise every core: generation 0 trains and evaluates here before the arm workers split them
         import torch
 
-        torch.set_num_threads(cfg.threads or _threads_per_worker(parallel))
+        torch.set_num_threads(cfg.threads)
     check_run_dir(cfg, out)
     from transformers.utils import logging as hf_logging
 
@@ -199,7 +199,6 @@ def _die_with_parent() -> None:
 
 def _arm_worker(cfg_data: dict, out: str, arm_name: str, threads: int) -> str:
     _die_with_parent()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from transformers.utils import logging as hf_logging
 

@@ -25,20 +25,21 @@ import math
 
 import torch
 
+from kcollapse.generate import encode_prompts
+
 LETTER, TEXT = "letter", "text"
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    bos = tokenizer.bos_token
-    ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-    if not ids:  # an empty prompt still needs one position to predict from
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [start]
-    return ids
+    return encode_prompts(tokenizer, [text])[0]
+
+
+def encode_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
 
 def encode_continuation(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_continuations(tokenizer, [text])[0]
 
 
 def continuation_text(target: str, scoring: str) -> str:
@@ -175,13 +176,13 @@ def token_logprobs(model, prompts: list[list[int]], continuations: list[list[lis
 
 
 def _encode_options(tokenizer, model, prompts: list[str], targets: list[list[str]], scoring: str, answer: str):
-    conts = [[encode_continuation(tokenizer, continuation_text(t, scoring)) for t in ts] for ts in targets]
+    flat = iter(encode_continuations(tokenizer, [continuation_text(t, scoring) for ts in targets for t in ts]))
+    conts = [[next(flat) for _ in ts] for ts in targets]
     if scoring == "reference" and answer == LETTER:
         conts = [[c[:1] for c in cs] for cs in conts]  # the paper reads the letter's first token only
     room_total = max_positions(model)
     encoded = []
-    for p, cs in zip(prompts, conts):
-        ids = encode_prompt(tokenizer, p)
+    for ids, cs in zip(encode_prompts(tokenizer, prompts), conts):
         if room_total:
             ids = fit(ids, max(1, room_total - max((len(c) for c in cs), default=0)), tokenizer.bos_token_id)
         encoded.append(ids)

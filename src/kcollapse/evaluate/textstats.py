@@ -109,13 +109,14 @@ def _batches(pieces: list, max_rows: int, max_tokens: int):
 
 def perplexity(model, tokenizer, texts: list[str], *, stride: int = 256, batch_size: int = 16) -> float | None:
     """Token-weighted perplexity over the texts; long texts in overlapping windows (each token scored once)."""
-    from kcollapse.evaluate.scoring import encode_prompt, max_positions
+    from kcollapse.evaluate.scoring import encode_prompts, max_positions
 
     window = min(max_positions(model) or MAX_WINDOW, MAX_WINDOW)
     stride = min(stride, window)
     pieces = []  # (ids, number of tokens at the end to score)
+    encoded = iter(encode_prompts(tokenizer, [t for t in texts if t]))
     for text in texts:
-        ids = encode_prompt(tokenizer, text) if text else []
+        ids = next(encoded) if text else []
         prev_end = 0
         for begin in range(0, max(len(ids) - 1, 1), stride):
             end = min(begin + window, len(ids))

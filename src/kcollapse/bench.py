@@ -271,9 +271,9 @@ def bench_synthesis(label, model, tok, prompts, recipe, repeats):
 
 def bench_training(label, model, tok, texts, recipe, steps, repeats, work_dir, peak_n: int = 2048, one_thread=True):
     """Steady-state finetune tokens/s and utilisation, at one thread (how each arm worker of the default experiment
-    trains) and at every core (how generation 0 trains). Per-step time comes from two runs that differ only in
-    max_steps (setup cost cancels); both it and the matmul peak are the best of `repeats`, measured alternately,
-    so a noisy neighbour moves both sides of the ratio alike."""
+    trains) and at every core (how generation 0 trains). Each repeat times two runs that differ only in max_steps
+    (setup cost cancels) and the matmul peak right before and after them, so a noisy neighbour moves both sides of
+    its ratio alike; the medians over repeats are reported."""
     from kcollapse.train import finetune, pack
 
     tcfg = recipe.train
@@ -299,24 +299,29 @@ def bench_training(label, model, tok, texts, recipe, steps, repeats, work_dir, p
         torch.set_num_threads(threads)
         try:
             matmul(), run(short)  # warm-up
-            peak, t_short, t_long, plain = 0.0, [], [], []
+            steps_s, plain_s, utils, peaks, longs, shorts = [], [], [], [], [], []
             for _ in range(repeats):
-                peak = max(peak, matmul())
-                t_short.append(run(short))
-                t_long.append(run(long_))
-                plain.append(plain_train_seconds(copy.deepcopy(model), chunks, tcfg.batch_size * tcfg.grad_accum,
-                                                 long_ - short, tcfg.lr))
-                peak = max(peak, matmul())
+                before = matmul()
+                longs.append(run(long_))
+                shorts.append(run(short))
+                step = max(longs[-1] - shorts[-1], 1e-9) / (long_ - short)
+                plain = plain_train_seconds(copy.deepcopy(model), chunks, tcfg.batch_size * tcfg.grad_accum,
+                                            long_ - short, tcfg.lr)
+                peak = max(before, matmul())
+                steps_s.append(step), plain_s.append(plain), peaks.append(peak)
+                utils.append((100 * flop / step / peak, 100 * flop / plain / peak))
         finally:
             torch.set_num_threads(cores)
-        per_step = max(min(t_long) - min(t_short), 1e-9) / (long_ - short)
-        setup = max(min(t_short) - short * per_step, 0.0)
-        util, util_plain = 100 * flop / per_step / peak, 100 * flop / min(plain) / peak
+        per_step, plain, peak = map(statistics.median, (steps_s, plain_s, peaks))
+        util = statistics.median(u for u, _ in utils)
+        util_plain = statistics.median(u for _, u in utils)
+        t_long = statistics.median(longs)
+        setup = max(statistics.median(shorts) - short * per_step, 0.0)
         role = "an arm worker" if threads == 1 and cores > 1 else "generation 0" if threads == cores else ""
         where = f"{threads} thread{'s' if threads > 1 else ''}" + (f" ({role})" if role else "")
         rows += [
-            _row("training", "reference", None, label, tokens_per_step / per_step, tokens_per_step / min(plain),
-                 "tokens/s", f"{where}; end-to-end {long_ * tokens_per_step / min(t_long):.0f} tok/s, setup {setup:.2f} s",
+            _row("training", "reference", None, label, tokens_per_step / per_step, tokens_per_step / plain,
+                 "tokens/s", f"{where}; end-to-end {long_ * tokens_per_step / t_long:.0f} tok/s, setup {setup:.2f} s",
                  threads=threads),
             _row("training", "reference", None, label, util, util_plain, "% of fp32 matmul peak",
                  f"{where}; {flop / per_step / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s", threads=threads),

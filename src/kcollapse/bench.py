@@ -36,19 +36,13 @@ TARGETS = {("scoring", "reference", "letter"): 6.0, ("scoring", "reference", "te
 UTILISATION_TARGET = 50.0  # % of the matmul peak, on the organism
 
 
-def _timed(fn, repeats: int):
-    """(seconds of each of `repeats` calls, the last call's result)."""
+def _median(fn, repeats: int):
+    """(median seconds over `repeats` calls, the last call's result)."""
     times, result = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
-    return times, result
-
-
-def _median(fn, repeats: int):
-    """(median seconds over `repeats` calls, the last call's result)."""
-    times, result = _timed(fn, repeats)
     return statistics.median(times), result
 
 

@@ -114,15 +114,16 @@ def batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
     return [b for b in out if b]
 
 
-def common_prefix(rows: list[list[int]]) -> int:
-    """Length of the token prefix all rows share (each row keeps at least one token of its own), 0 if too short."""
+def common_prefix(rows: list[list[int]], minimum: int = MIN_SHARED) -> int:
+    """Length of the token prefix all rows share (each row keeps at least one token of its own); 0 when shorter
+    than `minimum` or for a single row (nothing to share)."""
     n = min(len(r) for r in rows) - 1
     for k in range(max(n, 0)):
         first = rows[0][k]
         if any(r[k] != first for r in rows):
             n = k
             break
-    return n if n >= MIN_SHARED and len(rows) > 1 else 0
+    return n if n >= minimum and len(rows) > 1 else 0
 
 
 def choose(scores: torch.Tensor, seen: torch.Tensor | None, *, do_sample: bool, temperature: float, top_p: float,

@@ -25,13 +25,10 @@ import math
 
 import torch
 
-from kcollapse.generate import encode_prompts
+from kcollapse.generate import common_prefix, encode, encode_prompts
 
 LETTER, TEXT = "letter", "text"
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    return encode_prompts(tokenizer, [text])[0]
+encode_prompt = encode  # one prompt's ids, as the batch call gives them
 
 
 def encode_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -60,16 +57,6 @@ def fit(prompt_ids: list[int], room: int, bos_id: int | None) -> list[int]:
     return prompt_ids[len(prompt_ids) - room :]
 
 
-def _shared_prefix(seqs: list[list[int]]) -> int:
-    """Length of the common prefix, leaving every sequence at least one token of its own."""
-    n = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    for k in range(n):
-        if any(s[k] != first[k] for s in seqs):
-            return k
-    return max(n, 0)
-
-
 def plan_batches(prompts: list[list[int]], batch_size: int, window: int | None = None) -> list[tuple[list[int], int]]:
     """Batches of prompt indices and the prefix length they share, from the cheaper of two orders.
 
@@ -81,8 +68,8 @@ def plan_batches(prompts: list[list[int]], batch_size: int, window: int | None =
         out = []
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            shared = _shared_prefix([prompts[i] for i in rows])
-            if len(rows) == 1 or shared < 8 or (window and max(len(prompts[i]) for i in rows) > window):
+            shared = common_prefix([prompts[i] for i in rows], minimum=8)
+            if window and max(len(prompts[i]) for i in rows) > window:
                 shared = 0
             out.append((rows, shared))
         return out

@@ -109,7 +109,8 @@ def _batches(pieces: list, max_rows: int, max_tokens: int):
 
 def perplexity(model, tokenizer, texts: list[str], *, stride: int = 256, batch_size: int = 16) -> float | None:
     """Token-weighted perplexity over the texts; long texts in overlapping windows (each token scored once)."""
-    from kcollapse.evaluate.scoring import encode_prompts, max_positions
+    from kcollapse.evaluate.scoring import max_positions
+    from kcollapse.generate import encode_prompts
 
     window = min(max_positions(model) or MAX_WINDOW, MAX_WINDOW)
     stride = min(stride, window)

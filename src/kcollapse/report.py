@@ -5,61 +5,33 @@ base64 PNGs (also saved under RUN_DIR/figures/), there is no script and nothing 
 config, the stage table and timeline, per-arm curves with the stages shaded, the model's answers to chosen
 questions at generation 0, mid and last, and samples of the synthetic text of every generation.
 
-Model-written text is hostile input: everything shown passes through `esc`, which HTML-escapes it, makes control
-characters, bidi overrides and lone surrogates visible, and truncates very long texts with a note.
+Model-written text is hostile input: everything shown passes through `pages.esc`, which HTML-escapes it, makes
+control characters, bidi overrides and lone surrogates visible, and truncates very long texts with a note.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
 import json
 import re
-import unicodedata
-from importlib import resources
 from pathlib import Path
-from string import Template
 
 import pandas as pd
+from markupsafe import Markup
 
-from kcollapse import figures
+from kcollapse import figures, resistance
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
+from kcollapse.pages import esc, img, page, render
 from kcollapse.stages import answer_files, classify_run, load_metrics, onset_text
 
 LETTERS = "ABCDEFGHIJ"
-BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
 SAMPLES_PER_GEN = 2
 QUESTIONS_SHOWN = 6
 
 
-def esc(text, limit: int = 1500) -> str:
-    """HTML-safe rendering of untrusted text: escaped, invisible characters shown as <U+XXXX>, cut at `limit`."""
-    if text is None:
-        return '<span class="note">(none)</span>'
-    text = str(text)
-    note = ""
-    if len(text) > limit:
-        note = f' <span class="trunc">[… truncated: {len(text):,} characters in all]</span>'
-        text = text[:limit]
-    out, run = [], []
-    for ch in text:
-        o = ord(ch)
-        bad = (0xD800 <= o <= 0xDFFF or ch in BIDI or o in (0xFEFF, 0xFFFD) or
-               (unicodedata.category(ch) == "Cc" and ch not in "\n\t"))
-        if bad:
-            out.append(html.escape("".join(run)))
-            run = []
-            out.append(f'<span class="ctl">&lt;U+{o:04X}&gt;</span>')
-        else:
-            run.append(ch)
-    out.append(html.escape("".join(run)))
-    return "".join(out) + note
-
-
 def _img(data: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+    return str(img(data, alt))
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -100,6 +72,13 @@ def stage_table(result: dict, label: str | None = None) -> str:
             "<th>B onset</th><th>C onset</th><th>gen-0 accuracy</th><th>last retention</th>"
             "<th>model-centric warning</th><th>lead (gens)</th><th>last generation: why</th></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def resistance_section(summary: dict, label: str = "") -> Markup:
+    """The resistance summary of a run or a sweep point: table, retention figures (embedded), regimes."""
+    figs = [img(figures.retention_figure(c, summary["threshold"]), f"retention of {c['domain_arm']} and {c['general_arm']}")
+            for c in summary["comparisons"] if "error" not in c]
+    return render("resistance.html", summary=summary, label=label, figures=figs)
 
 
 def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> str:
@@ -201,11 +180,6 @@ def with_derived(df: pd.DataFrame, result: dict) -> pd.DataFrame:
     return pd.concat([df, extra], ignore_index=True) if not extra.empty else df
 
 
-def _page(title: str, body: str) -> str:
-    template = (resources.files("kcollapse") / "templates" / "report.html").read_text(encoding="utf-8")
-    return Template(template).substitute(title=esc(title), body=body)
-
-
 LEGEND = ("<p class='legend note'><span class='sA'>A</span>knowledge preserved <span class='sB'>B</span>knowledge "
           "collapse: accuracy falls, format and fluency hold (confidently wrong) <span class='sC'>C</span>"
           "instruction-following collapse: format or fluency break <span class='sX'>·</span>not evaluated</p>")
@@ -247,11 +221,9 @@ def write_report(run_dir: Path) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", arm)
         sections.append(f"<h3>{esc(arm)}</h3>" + _img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{safe}.png"),
                                                       f"metrics of arm {arm}"))
-    from kcollapse import resistance
-
     if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
         sections.append("<h2 id='resistance'>Domain-specific mitigation</h2>"
-                        + resistance.html_section(resistance.summarise_run(run_dir)))
+                        + resistance_section(resistance.summarise_run(run_dir)))
     sections.append("<h2 id='answers'>Answers to chosen questions</h2>")
     for arm, a in result["arms"].items():
         sections.append(f"<h3>{esc(arm)}</h3>" + answers_section(run_dir, arm, a))
@@ -263,7 +235,7 @@ def write_report(run_dir: Path) -> Path:
     cfg_text = cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)"
     sections.append(f"<h2 id='config'>Config</h2><pre>{esc(cfg_text, 40000)}</pre>")
     out = run_dir / "report.html"
-    atomic_write_text(out, _page(f"kcollapse · {run_dir.resolve().name}", "\n".join(sections)))
+    atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", Markup("\n".join(sections))))
     return out
 
 
@@ -343,6 +315,6 @@ def compare_command(run_dirs: list[Path], out: Path) -> Path:
     body.append("<p class='note'>All rows: comparison.csv (run, arm, generation, metric, value, format, subject, "
                 "stage).</p>")
     path = out / "report.html"
-    atomic_write_text(path, _page("kcollapse · comparison", "\n".join(body)))
+    atomic_write_text(path, page("kcollapse · comparison", Markup("\n".join(body))))
     print(f"wrote {path} and {out / 'comparison.csv'}")
     return path

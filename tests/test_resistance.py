@@ -9,6 +9,7 @@ import yaml
 
 from kcollapse import resistance as R
 from kcollapse import stats
+from kcollapse.tables import resistance_lines
 from kcollapse.io import write_jsonl
 
 ARMS = [{"name": "general", "synthetic_ratio": 1.0}, {"name": "geo", "synthetic_ratio": 1.0, "domain": "geography"}]
@@ -98,7 +99,7 @@ def test_resistance_factor_on_hand_made_curves():
     assert out["regimes"]["general"]["cloze"]["regime"] == "degradative"
     assert out["regimes"]["geo"]["cloze"]["regime"] == "bounded"
     assert c["regimes"]["geo"]["cloze"]["retention"] == pytest.approx(0.65)
-    text = "\n".join(R.lines(out))
+    text = "\n".join(resistance_lines(out))
     assert "resistance factor 2.50" in text and "decline-rate ratio 1.69" in text and "regime geo: bounded" in text
 
 
@@ -175,7 +176,7 @@ def test_bootstrap_over_seeds_and_questions_from_run_directories(tmp_path):
     assert R.summarise_runs(runs, n_boot=300) == out  # seeded: the same CI every time
     one = R.summarise_run(runs[0], n_boot=100)["comparisons"][0]
     assert one["method"] == "paired bootstrap over questions" and one["formats"]["cloze"]["auc_ratio_ci"]
-    text = "\n".join(R.lines(out))
+    text = "\n".join(resistance_lines(out))
     assert "(lower bound)" in text and "[" in text and "∞]" in text
 
 

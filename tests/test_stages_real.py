@@ -46,7 +46,7 @@ def real_run(tmp_path_factory):
     items = load_benchmark(cfg)
     train_texts = [healthy_text(k) for k in range(10)] + [" ".join(f"g{i}" for i in range(N_Q))]
     heldout = [healthy_text(k, 40) for k in range(3)]
-    run, rows, prev = root / "run", [], None
+    run, rows = root / "run", []
     models = [load_model(save_model(root / f"m{g}", words, known=k, n_questions=N_Q, text_ok=t, answers_ok=a),
                          device="cpu") for g, (k, t, a) in enumerate(SCENARIO)]
     model0, tok = models[0]

@@ -23,7 +23,8 @@ from kcollapse import figures, resistance
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
 from kcollapse.pages import esc, img, page, render
-from kcollapse.stages import answer_files, classify_run, load_metrics, onset_text
+from kcollapse.stages import answer_files, classify_run, load_metrics
+from kcollapse.tables import onset_text
 
 LETTERS = "ABCDEFGHIJ"
 SAMPLES_PER_GEN = 2

@@ -257,27 +257,3 @@ def summarise_runs(run_dirs: list[Path], seeds: list | None = None, **kw) -> dic
 def summarise_run(run_dir: Path, **kw) -> dict:
     """The resistance summary of one run directory (one seed; CIs over questions when answers are logged)."""
     return summarise_runs([Path(run_dir)], **kw)
-
-
-def lines(summary: dict, label: str = "") -> list[str]:
-    """Plain-text lines: each comparison's onset ratio and decline-rate ratio per format with their intervals,
-    then the regimes."""
-    from kcollapse.pages import interval, num
-
-    pct, out = int(round(summary["ci_level"] * 100)), []
-    for c in summary["comparisons"]:
-        out.append(f"{label}{c['domain_arm']} vs {c['general_arm']} on {c['domain']} (retention above chance < "
-                   f"{summary['threshold']}; {len(c.get('seeds') or [])} seed(s); {c.get('method', c.get('error'))}; "
-                   "train tokens " + " vs ".join(f"{t:,.0f}" if t else "?" for t in c["train_tokens"].values()) + ")")
-        if c.get("ci_method"):
-            out.append(f"  intervals: {c['ci_method']}")
-        for fmt, f in c.get("formats", {}).items():
-            out.append(f"  {fmt:<26} resistance factor {f['text']:<20} {pct}% CI {interval(f['ci']):<14} ({f['ci_kind']}); "
-                       f"decline-rate ratio {f['decline_ratio_text']} {pct}% CI {interval(f['decline_ratio_ci'])}; "
-                       f"AUC ratio {num(f['auc_ratio'])} {interval(f['auc_ratio_ci'])}")
-    for arm, fmts in summary["regimes"].items():
-        if "all" in fmts:
-            r = fmts["all"]
-            out.append(f"{label}regime {arm}: {r['regime']} (retention above chance {num(r['retention'])} at generation "
-                       f"{r['generation']}, mean over formats, all subjects)")
-    return out

@@ -46,7 +46,7 @@ from pydantic import ValidationError
 from kcollapse import stats
 from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
-from kcollapse.io import atomic_write_json, read_jsonl, sanitize_terminal
+from kcollapse.io import atomic_write_json, read_jsonl
 from kcollapse.evaluate.textstats import repetition
 
 STAGE_RANK = {"A": 0, "B": 1, "C": 2}
@@ -415,49 +415,6 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
     return result
 
 
-def onset_text(value: int | None, last: int | None) -> str:
-    return f"gen {value}" if value is not None else f"not reached by {last}"
-
-
-def _plain(text):
-    """A name from a file, printed as itself: no rich markup, no terminal escapes."""
-    from rich.text import Text
-
-    return Text(sanitize_terminal(text, 200))
-
-
-def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    last = result.get("last_generation")
-    colors = {"A": "green", "B": "yellow", "C": "red", "?": "dim"}
-    table = Table(title=_plain(f"stages of {result['run']}"),
-                  caption="A preserved · B knowledge collapse · C instruction-following collapse · lead = "
-                          "task-centric drop - model-centric warning (generations)")
-    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset", "model warn", "lead"]:
-        table.add_column(col, no_wrap=col.startswith("gen"), overflow="fold")
-    for arm, a in result["arms"].items():
-        warn = a["model_centric"]["warning_generation"]
-        for fmt, f in a["formats"].items():
-            gens = [p["generation"] for p in f["generations"]] if "error" not in f else f["generations"]
-            by_gen = dict(zip(gens, f["stages"]))
-            cells = Text()
-            for g in range(0, (last or 0) + 1):
-                s = by_gen.get(g, "·")
-                cells.append(s, style=colors.get(s, "dim"))
-            lead = f.get("lead_time")
-            b_on, c_on = (f["error"], "") if "error" in f else (onset_text(f["onset_B"], last), onset_text(f["onset_C"], last))
-            if "error" not in f and not f.get("knowledge_measurable", True):
-                b_on = "n/a: at chance at gen 0"
-            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, "-" if warn is None else f"gen {warn}",
-                          "-" if lead is None else f"{lead:+d}")
-        if not a["formats"]:
-            table.add_row(_plain(arm), "(no task metrics)", "", "", "", "-" if warn is None else f"gen {warn}", "")
-    Console().print(table)
-
-
 def stages_command(run_dir: Path, rules_file: Path | None = None) -> dict:
     """`kcollapse stages RUN_DIR`: classify, write RUN_DIR/stages.json, print the table."""
     run_dir = Path(run_dir)
@@ -465,5 +422,7 @@ def stages_command(run_dir: Path, rules_file: Path | None = None) -> dict:
         raise UserError(f"{run_dir}: run directory not found")
     result = classify_run(run_dir, rules_file=rules_file)
     atomic_write_json(run_dir / "stages.json", result)
-    print_table(result)
+    from kcollapse.tables import print_stages
+
+    print_stages(result)
     return result

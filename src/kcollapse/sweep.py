@@ -28,6 +28,7 @@ from kcollapse.config import ExperimentConfig, load_config
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
 from kcollapse.stages import load_metrics
+from kcollapse.tables import resistance_lines
 
 
 @dataclass
@@ -203,7 +204,7 @@ def run_on_ray(trials: list[Trial], address: str | None, cpus_per_trial: int, be
 
 # ------------------------------------------------------------------------------------------------ summary
 
-MODEL_METRICS = ["perplexity_heldout", "perplexity", "entropy", "distinct_1", "distinct_2", "repetition_rate",
+MODEL_METRICS = ["perplexity_heldout", "entropy", "distinct_1", "distinct_2", "repetition_rate",
                  "train_tokens"]
 
 
@@ -323,7 +324,7 @@ def summarise(trials: list[Trial], out: Path) -> dict:
     result = {"points": points, "dose_response": dose_response(points)}
     atomic_write_json(out / "resistance.json", result)
     for point, p in points.items():
-        for line in resistance.lines(p, f"[{point}] " if len(points) > 1 else ""):
+        for line in resistance_lines(p, f"[{point}] " if len(points) > 1 else ""):
             print(line)
     path = write_report(out, trials, result)
     print(f"wrote {out / 'summary.csv'}, {out / 'resistance.json'} and {path}")

@@ -23,7 +23,7 @@ from kcollapse import figures, resistance
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
 from kcollapse.pages import esc, img, page, render
-from kcollapse.stages import answer_files, classify_run, load_metrics
+from kcollapse.stages import LEAD_TIME, answer_files, classify_run, load_metrics
 from kcollapse.tables import onset_text
 
 LETTERS = "ABCDEFGHIJ"
@@ -39,40 +39,25 @@ def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.{digits}f}"
 
 
-def _stage_cells(stages: dict[int, str], last: int) -> str:
-    return '<span class="stages">' + "".join(
-        f'<span class="s{stages.get(g, "X") if stages.get(g) in ("A", "B", "C") else "X"}" title="generation {g}">'
-        f'{stages.get(g, "·")}</span>' for g in range(last + 1)) + "</span>"
-
-
 def _points(f: dict) -> dict[int, str]:
     return {p["generation"]: p["stage"] for p in f.get("generations", []) if isinstance(p, dict)}
 
 
 # ------------------------------------------------------------------------------------------- sections
 
-def stage_table(result: dict, label: str | None = None) -> str:
+def stage_table(result: dict, label: str | None = None) -> Markup:
     last = result.get("last_generation") or 0
     rows = []
     for arm, a in result["arms"].items():
-        warn = a["model_centric"]["warning_generation"]
-        warned = ", ".join(f"{esc(m)} (gen {g})" for m, g in a["model_centric"]["warnings"].items()) or "none"
         for fmt, f in a["formats"].items():
             last_pt = next((p for p in reversed(f.get("generations", [])) if isinstance(p, dict)), {})
-            why = "; ".join(last_pt.get("reasons", [])) or f.get("error", "")
-            lead = f.get("lead_time")
-            rows.append(
-                "<tr>" + (f"<td>{esc(label)}</td>" if label else "") +
-                f"<td>{esc(arm)}</td><td>{esc(fmt)}</td><td>{_stage_cells(_points(f), last)}</td>"
-                f"<td>{onset_text(f.get('onset_B'), last)}</td><td>{onset_text(f.get('onset_C'), last)}</td>"
-                f"<td class='num'>{_fmt((f.get('baseline') or {}).get('accuracy'))}</td>"
-                f"<td class='num'>{_fmt(last_pt.get('retention'), 2)}</td>"
-                f"<td>{'–' if warn is None else f'gen {warn}'}<br><span class='note'>{warned}</span></td>"
-                f"<td class='num'>{'–' if lead is None else f'{lead:+d}'}</td><td class='note'>{esc(why)}</td></tr>")
-    head = ("<tr>" + ("<th>run</th>" if label else "") + f"<th>arm</th><th>format</th><th>stage per generation 0…{last}</th>"
-            "<th>B onset</th><th>C onset</th><th>gen-0 accuracy</th><th>last retention</th>"
-            "<th>model-centric warning</th><th>lead (gens)</th><th>last generation: why</th></tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+            stages = _points(f)
+            rows.append({"arm": arm, "format": fmt, "cells": [(g, stages.get(g, "·")) for g in range(last + 1)],
+                         "onset_B": onset_text(f.get("onset_B"), last), "onset_C": onset_text(f.get("onset_C"), last),
+                         "accuracy0": (f.get("baseline") or {}).get("accuracy"), "retention": last_pt.get("retention"),
+                         "warn": a["model_centric"]["warning_generation"], "warnings": a["model_centric"]["warnings"],
+                         "lead": f.get("lead_time"), "why": "; ".join(last_pt.get("reasons", [])) or f.get("error", "")})
+    return render("stage_table.html", rows=rows, last=last, label=label)
 
 
 def resistance_section(summary: dict, label: str = "") -> Markup:
@@ -82,11 +67,11 @@ def resistance_section(summary: dict, label: str = "") -> Markup:
     return render("resistance.html", summary=summary, label=label, figures=figs)
 
 
-def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> str:
+def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> Markup:
     """Chosen questions of one format, the model's answers at generation 0, mid and last side by side."""
     files = {k: v for k, v in answer_files(run_dir).items() if k[0] == arm}
     if not files:
-        return '<p class="note">No per-question answers for this arm.</p>'
+        return Markup('<p class="note">No per-question answers for this arm.</p>')
     fmts = [f for f in arm_stages.get("formats", {}) if (arm, 0, f) in files] or sorted({f for _, _, f in files})
     fmt = min(fmts, key=lambda f: (arm_stages["formats"].get(f, {}).get("onset_B") is None,
                                    arm_stages["formats"].get(f, {}).get("onset_B") or 0))
@@ -107,34 +92,26 @@ def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> str:
     by_gen = {g: load(g) for g in shown}
     first, lastg = by_gen[shown[0]], by_gen[shown[-1]]
     ids = sorted(first, key=lambda i: (not (first[i].get("is_correct") and not lastg.get(i, {}).get("is_correct", True)), i))
-    rows = []
+    questions = []
     for qid in ids[:QUESTIONS_SHOWN]:
         q = first[qid]
-        choices = q.get("choices") or []
         ci = q.get("correct_index")
-        opts = "<br>".join(("<b>" if i == ci else "") + f"{LETTERS[i] if i < len(LETTERS) else i}. {esc(c, 200)}" +
-                           (" ✓</b>" if i == ci else "") for i, c in enumerate(choices))
-        cells = []
+        answers = []
         for g in shown:
             r = by_gen[g].get(qid)
-            if r is None:
-                cells.append('<td class="note">not asked</td>')
-                continue
-            pi = r.get("predicted_index")
-            mark = '<span class="ok">✓ right</span>' if r.get("is_correct") else '<span class="bad">✗ wrong</span>'
-            pick = LETTERS[pi] if isinstance(pi, int) and 0 <= pi < len(LETTERS) else "?"
-            cells.append(f"<td>{mark} · picks {pick} · conf {_fmt(r.get('confidence'), 2)}"
-                         f"<div class='text'>{esc(r.get('answer_text'), 400)}</div></td>")
-        rows.append(f"<tr><td class='q'><b>{esc(q.get('question'), 500)}</b><br>{opts}</td>{''.join(cells)}</tr>")
-    head = "".join(f"<th>generation {g}</th>" for g in shown)
-    return (f"<p class='note'>Format <b>{esc(fmt)}</b>; questions right at generation {shown[0]} and wrong at "
-            f"generation {shown[-1]} first. The free-text answer is what the model wrote; the pick is the scored "
-            f"option.</p><table class='answers'><tr><th>question (✓ = correct option)</th>{head}</tr>{''.join(rows)}</table>")
+            pi = None if r is None else r.get("predicted_index")
+            answers.append(None if r is None else {
+                "right": bool(r.get("is_correct")), "confidence": r.get("confidence"), "text": r.get("answer_text"),
+                "pick": LETTERS[pi] if isinstance(pi, int) and 0 <= pi < len(LETTERS) else "?"})
+        questions.append({"question": q.get("question"), "answers": answers,
+                          "options": [(LETTERS[i] if i < len(LETTERS) else i, c, i == ci)
+                                      for i, c in enumerate(q.get("choices") or [])]})
+    return render("answers.html", fmt=fmt, shown=shown, questions=questions)
 
 
-def synthetic_section(run_dir: Path, arm: str) -> str:
+def synthetic_section(run_dir: Path, arm: str) -> Markup:
     """A few synthetic training texts of every generation (streamed: files can be large)."""
-    parts = []
+    generations = []
     paths = sorted(Path(run_dir).glob(f"arms/{arm}/gen_*/synthetic.jsonl"),
                    key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
     for path in paths:
@@ -149,12 +126,8 @@ def synthetic_section(run_dir: Path, arm: str) -> str:
                     total += 1
                     if len(samples) < SAMPLES_PER_GEN:
                         samples.append(r.get("text"))
-        body = "".join(f"<div class='text' style='margin:4px 0 8px;border-left:3px solid #ccc;padding-left:8px'>"
-                       f"{esc(t, 800)}</div>" for t in samples) or "<p class='note'>no synthetic text</p>"
-        parts.append(f"<h3>{esc(path.parent.name)} <span class='note'>({total} synthetic texts)</span></h3>{body}")
-    if not parts:
-        return '<p class="note">No synthetic.jsonl for this arm.</p>'
-    return "".join(parts)
+        generations.append({"name": path.parent.name, "total": total, "samples": samples})
+    return render("synthetic.html", generations=generations)
 
 
 def _derived_rows(result: dict) -> pd.DataFrame:
@@ -207,13 +180,7 @@ def write_report(run_dir: Path) -> Path:
     if timeline:
         sections.append(_img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline"))
     sections.append(
-        f"<p class='note'>Rule: B when accuracy retained above chance falls below {result['rules']['retention_b']} "
-        f"of generation 0 and the drop is significant ({int(result['rules']['ci'] * 100)}% paired bootstrap over "
-        "questions when answers are logged); C when well-formed answers (rules.format_signal), answer repetition or "
-        "length, or fluency degrade "
-        f"beyond tolerance. Onsets need {result['rules']['persist']} generations in a row. Lead = task-centric drop "
-        "minus the first model-centric warning (perplexity, entropy, distinct-n of the training text): positive when "
-        "the model-centric metrics warned first. Thresholds: stages.json → rules.</p>")
+        render("stage_rule.html", rules=result["rules"], lead=LEAD_TIME))
     sections.append("<h2 id='curves'>Curves per arm</h2><p class='note'>Accuracy panels: bands are that format's "
                     "stages, the shaded region is the generation-0 accuracy plus the bootstrap CI of the change, the "
                     "dashed line the held-out facts when the benchmark has them. Other panels: bands show the most "

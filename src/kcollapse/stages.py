@@ -142,7 +142,7 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
                 "confidence": float(conf) if conf is not None else np.nan,
                 "confident_wrong": float(correct == 0 and conf is not None and conf >= rules.confident_threshold)
                 if conf is not None else np.nan,
-                "chance": 1.0 / len(r["choices"]) if r.get("choices") else np.nan,
+                "chance": stats.chance_of(len(r["choices"])) if r.get("choices") else np.nan,
             })
     df = pd.DataFrame(rows)
     return df.drop_duplicates("id", keep="last").set_index("id") if not df.empty else df

@@ -327,6 +327,7 @@ def _model_centric(df: pd.DataFrame, arm: str, rules: StageRules) -> dict:
             continue
         shift = 1 if written_by_previous(metric, subject) else 0
         s.index = s.index - shift
+        s = s[s.index >= 0]  # imported logs also hold the text the model before generation 0 wrote
         if 0 not in s.index:
             missing.append(metric)
             continue

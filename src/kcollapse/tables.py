@@ -29,8 +29,9 @@ def print_stages(result: dict) -> None:
     last = result.get("last_generation")
     colors = {"A": "green", "B": "yellow", "C": "red", "?": "dim"}
     table = Table(title=_plain(f"stages of {result['run']}"),
-                  caption="A preserved · B knowledge collapse · C instruction-following collapse · lead = "
-                          "task-centric drop - model-centric warning (generations)")
+                  caption="A preserved · B knowledge collapse · C instruction-following collapse · model warn = "
+                          "first model whose own text or held-out perplexity moved · lead = first task-centric onset "
+                          "- model warn (model generations; + = warned first)")
     for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset", "model warn", "lead"]:
         table.add_column(col, no_wrap=col.startswith("gen"), overflow="fold")
     for arm, a in result["arms"].items():
@@ -46,10 +47,10 @@ def print_stages(result: dict) -> None:
             b_on, c_on = (f["error"], "") if "error" in f else (onset_text(f["onset_B"], last), onset_text(f["onset_C"], last))
             if "error" not in f and not f.get("knowledge_measurable", True):
                 b_on = "n/a: at chance at gen 0"
-            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, "-" if warn is None else f"gen {warn}",
+            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, "-" if warn is None else f"model {warn}",
                           "-" if lead is None else f"{lead:+d}")
         if not a["formats"]:
-            table.add_row(_plain(arm), "(no task metrics)", "", "", "", "-" if warn is None else f"gen {warn}", "")
+            table.add_row(_plain(arm), "(no task metrics)", "", "", "", "-" if warn is None else f"model {warn}", "")
     Console().print(table)
 
 

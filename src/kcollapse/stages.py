@@ -6,30 +6,31 @@ confidently wrong). C: *instruction-following collapse*, the format and the flue
 This module turns a run directory into those letters, against the generation-0 baseline, with uncertainty.
 
 The default rule (every number is a field of `StageRules`, overridable by a `stages:` section in
-RUN_DIR/config.yaml or by a YAML file of those fields):
+RUN_DIR/config.yaml or by a YAML file of those fields; the statistics are kcollapse.stats's, every definition is
+in docs/STATISTICS.md):
 
-- Accuracy is measured above chance: retention = (acc_g - chance) / (acc_0 - chance), chance = 1 / number of
-  choices (0.25 on the 4-choice benchmarks). A model at chance has retained nothing, whatever its raw accuracy.
+- Accuracy is measured above chance: retention = (acc_g - chance) / (acc_0 - chance) (stats.retention).
 - With per-question answers (arms/<arm>/gen_<g>/answers/*.jsonl) every signal is a paired bootstrap over the
   questions present at both generation g and generation 0 (`n_boot` resamples, `ci` level).
 - Without answers the metric rows stand in (`accuracy`, `answer_wellformed` or `format_adherence`,
-  `answer_repetition`, `answer_words`, `fluency` of the format, else the run's `fluency` row) and "significant" is
-  replaced by `min_drop`.
-- C when, against generation 0, the share of well-formed free-text answers (`answer_wellformed`: a short answer
-  of the asked kind, or one naming an option; `format_signal: format_adherence` to require an option instead,
-  the fallback for runs without it) drops by at least `format_drop`, answer repetition (repeated word 4-grams)
-  rises by at least `repetition_rise`, the answer length changes by more than a factor `words_factor`, or fluency
-  falls by more than `fluency_drop` (relative); with answers each change must also be significant (its CI
-  excludes no change).
-- B when not C, retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
+  `answer_repetition`, `answer_words`) and "significant" is replaced by `min_drop`.
+- C's condition, against generation 0: the share of well-formed free-text answers (`answer_wellformed`; or
+  `format_adherence` with `format_signal: format_adherence`, the fallback for runs without it) drops by at least
+  `format_drop`, answer repetition (repeated word 4-grams) rises by at least `repetition_rise`, the answer length
+  changes by more than a factor `words_factor`, or the fluency of the answers (`fluency` rows of subject
+  `answers`: model g's own answers) falls by more than `fluency_drop` (relative); with answers each change must
+  also be significant (its CI excludes no change).
+- B's condition: retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
   0; without answers: a drop of at least `min_drop`).
-- A otherwise. Generation 0 is A by definition.
-- Onset of B (of C): the first generation from which the stage is at least B (is C) for `persist` evaluated
-  generations in a row (fewer at the end of the run), so that one noisy generation starts nothing.
-- Model-centric signals (perplexity, entropy, distinct-n, repetition of the training text) are only reported
-  beside: the *model warning* is the first generation (same persistence) where one moves by `model_signals`
-  (relative change, signed in the direction of collapse). Lead time = first task-centric drop (the earlier of
-  the B and C onsets) - model warning: positive when the model-centric metrics warned first.
+- The letter: C if C's condition holds, else B if B's, else A. Generation 0 is A by definition.
+- Onset of B (of C): the first generation from which B's (C's) own condition holds for `persist` evaluated
+  generations in a row (fewer at the end of the run), so that one noisy generation starts nothing. B's onset
+  does not follow C: answers that break while the facts stay are C with no B onset.
+- Model-centric signals (`model_signals`: held-out perplexity of model g; entropy, distinct-n and repetition of
+  the text model g wrote, which is generation g+1's synthetic mix) are reported beside, indexed by the model they
+  describe. The *model warning* is the first model generation (same persistence) where one moves by its
+  relative change against model 0. Lead time = first task-centric onset (the earlier of B and C) - model warning,
+  in model generations: positive when the model-centric metrics warned first.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ kcollapse.stats's; this module lays the data out for them:
   Both arms of a comparison are scored on the same questions: those of the domain arm's subject.
 - Onset ratio (resistance factor) = generations until retention falls below `threshold` (0.8), domain arm over
   general arm; an arm that never falls is censored at N, the last generation (">= N/M", "<= M/N", or n/a when
-  neither fell). Its interval is censoring-aware (stats.bounds_interval): no resample is dropped, and a censored
+  neither fell). Its interval is censoring-aware (stats.bounds_interval): no resample is dropped for censoring; a censored
   domain arm gives a one-sided bound.
 - Decline-rate ratio = general arm's decline rate / domain arm's (slope of retention over generations): the
   paper's form of the claim. Beside both: the ratio of the areas under the retention curves (never censored).
@@ -39,7 +39,7 @@ from kcollapse.io import read_jsonl
 from kcollapse.stages import load_metrics
 
 CI_METHOD = ("censoring-aware percentile interval: each resample bounds the ratio (a censored arm's fall time "
-             "counts as at least the last generation) and no resample is dropped; an open end is a one-sided bound")
+             "counts as at least the last generation) and no resample is dropped for it; an open end is a one-sided bound")
 
 
 def factor_text(t_domain: int, censored_domain: bool, t_general: int, censored_general: bool) -> tuple[float | None, str]:
@@ -142,6 +142,8 @@ def compare(correct: pd.DataFrame, domain_arm: str, general_arm: str, threshold:
     g = np.asarray(gens)
     t, fell = stats.fall_time(ret, g, threshold, axis=2)  # (B, arm, format)
     lower, upper = stats.onset_ratio_bounds(t[:, 0], fell[:, 0], t[:, 1], fell[:, 1], int(g[-1]))
+    measured = np.isfinite(ret[:, :, 0, :]).all(axis=1)  # a resample whose generation 0 is at chance measures nothing
+    lower, upper = np.where(measured, lower, np.nan), np.where(measured, upper, np.nan)
     rate = stats.decline_rate(ret, g, axis=2)  # (B, arm, format)
     rate_ratio = stats.rate_ratio(rate[:, 1], rate[:, 0])
     area = stats.area(ret, g, axis=2)
@@ -151,9 +153,9 @@ def compare(correct: pd.DataFrame, domain_arm: str, general_arm: str, threshold:
     out = {}
     for f, fmt in enumerate(formats + ["all"]):
         value, text = factor_text(int(t[0, 0, f]), not fell[0, 0, f], int(t[0, 1, f]), not fell[0, 1, f])
-        if not np.isfinite(ret[0, :, 0, f]).all():
-            value, text = None, "n/a (generation-0 accuracy not above chance)"
         interval, kind = stats.bounds_interval(lower[:, f], upper[:, f], ci) if boot else (None, "n/a")
+        if not measured[0, f]:
+            value, text, interval, kind = None, "n/a (generation-0 accuracy not above chance)", None, "n/a"
         rr = rate_ratio[:, f]
         rr_interval, rr_kind = stats.bounds_interval(rr, rr, ci) if boot else (None, "n/a")
         out[fmt] = {

@@ -16,7 +16,8 @@ compute none of them themselves. Definitions (docs/STATISTICS.md says the same w
 - Onset ratio (resistance factor) = fall time of the domain arm / of the general arm. Censoring-aware interval:
   each resample gives bounds on the ratio (a censored domain time makes it >= t_d/t_g with no upper end; a
   censored general time <= t_d/N, lower end 0), the interval is [lower percentile of the lower bounds, upper
-  percentile of the upper bounds]; an infinite upper end makes it a one-sided bound. No resample is dropped.
+  percentile of the upper bounds]; an infinite upper end makes it a one-sided bound. No resample is dropped for
+  censoring (only those whose generation 0 is not above chance: they measure nothing).
 - Decline rate of an arm = minus the least-squares slope of retention over generations 0..N (retention lost
   per generation). Decline-rate ratio = general arm's rate / domain arm's rate (the paper's "~15x"); a domain
   arm that does not decline (rate <= 0) while the general arm does gives an infinite ratio, neither arm

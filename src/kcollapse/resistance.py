@@ -9,8 +9,8 @@ kcollapse.stats's; this module lays the data out for them:
   Both arms of a comparison are scored on the same questions: those of the domain arm's subject.
 - Onset ratio (resistance factor) = generations until retention falls below `threshold` (0.8), domain arm over
   general arm; an arm that never falls is censored at N, the last generation (">= N/M", "<= M/N", or n/a when
-  neither fell). Its interval is censoring-aware (stats.bounds_interval): no resample is dropped for censoring; a censored
-  domain arm gives a one-sided bound.
+  neither fell). Its interval is censoring-aware (stats.bounds_interval): no resample is dropped for censoring;
+  a censored domain arm gives a one-sided bound.
 - Decline-rate ratio = general arm's decline rate / domain arm's (slope of retention over generations): the
   paper's form of the claim. Beside both: the ratio of the areas under the retention curves (never censored).
 - Uncertainty: paired bootstrap. Each resample draws seeds (both arms keep the same seeds: they share a run) and

@@ -83,7 +83,8 @@ def bounds_interval(lower, upper, ci: float = 0.95) -> tuple[list[float | None] 
     """Censoring-aware interval from per-replicate bounds (row 0 excluded); (interval, kind).
 
     An infinite end comes back as None and kind says which side is bounded: 'two-sided', 'lower bound',
-    'upper bound', 'unbounded', or 'infinite' (even the lower end is infinite). NaN bounds (nothing measured) are left out; none left: (None, 'n/a')."""
+    'upper bound', 'unbounded', or 'infinite' (even the lower end is infinite). NaN bounds (nothing measured)
+    are left out; fewer than 10 left: (None, 'n/a')."""
     lo, hi = np.asarray(lower, float)[1:], np.asarray(upper, float)[1:]
     keep = ~(np.isnan(lo) | np.isnan(hi))
     if keep.sum() < 10:

@@ -177,7 +177,11 @@ def test_bootstrap_over_seeds_and_questions_from_run_directories(tmp_path):
     one = R.summarise_run(runs[0], n_boot=100)["comparisons"][0]
     assert one["method"] == "paired bootstrap over questions" and one["formats"]["cloze"]["auc_ratio_ci"]
     text = "\n".join(resistance_lines(out))
-    assert "(lower bound)" in text and "[" in text and "∞]" in text
+    assert "(lower bound)" in text and "∞]" in text
+    from kcollapse.report import resistance_section
+
+    page = str(resistance_section(out))  # what the sweep's report.html shows for the point
+    assert f"[{f['ci'][0]:.2f}, ∞] <span class=\"note\">lower bound</span>" in page
 
 
 def test_decline_rate_ratio_has_a_paired_bootstrap_interval(tmp_path):

@@ -184,7 +184,9 @@ def write_report(run_dir: Path) -> Path:
     sections.append("<h2 id='curves'>Curves per arm</h2><p class='note'>Accuracy panels: bands are that format's "
                     "stages, the shaded region is the generation-0 accuracy plus the bootstrap CI of the change, the "
                     "dashed line the held-out facts when the benchmark has them. Other panels: bands show the most "
-                    "advanced stage over all formats.</p>")
+                    "advanced stage over all formats; text statistics at generation g (entropy, distinct-n, "
+                    "repetition, the synthetic text's fluency) describe generation g's training mix, which model g-1 "
+                    "wrote; perplexities and the answers' fluency describe model g.</p>")
     for arm, a in result["arms"].items():
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", arm)
         sections.append(f"<h3>{esc(arm)}</h3>" + _img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{safe}.png"),

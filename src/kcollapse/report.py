@@ -5,8 +5,9 @@ base64 PNGs (also saved under RUN_DIR/figures/), there is no script and nothing 
 config, the stage table and timeline, per-arm curves with the stages shaded, the model's answers to chosen
 questions at generation 0, mid and last, and samples of the synthetic text of every generation.
 
-Model-written text is hostile input: everything shown passes through `pages.esc`, which HTML-escapes it, makes
-control characters, bidi overrides and lone surrogates visible, and truncates very long texts with a note.
+The page is jinja2 templates (kcollapse/templates/, autoescaped) filled here. Model-written text is hostile input:
+everything shown passes the `text` filter (`pages.esc`), which HTML-escapes it, makes control characters, bidi
+overrides and lone surrogates visible, and truncates very long texts with a note.
 """
 
 from __future__ import annotations
@@ -22,21 +23,13 @@ from markupsafe import Markup
 from kcollapse import figures, resistance
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
-from kcollapse.pages import esc, img, page, render
+from kcollapse.pages import img, page, render
 from kcollapse.stages import LEAD_TIME, answer_files, classify_run, load_metrics
 from kcollapse.tables import onset_text
 
 LETTERS = "ABCDEFGHIJ"
 SAMPLES_PER_GEN = 2
 QUESTIONS_SHOWN = 6
-
-
-def _img(data: bytes, alt: str) -> str:
-    return str(img(data, alt))
-
-
-def _fmt(v, digits: int = 3) -> str:
-    return "–" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.{digits}f}"
 
 
 def _points(f: dict) -> dict[int, str]:
@@ -154,9 +147,8 @@ def with_derived(df: pd.DataFrame, result: dict) -> pd.DataFrame:
     return pd.concat([df, extra], ignore_index=True) if not extra.empty else df
 
 
-LEGEND = ("<p class='legend note'><span class='sA'>A</span>knowledge preserved <span class='sB'>B</span>knowledge "
-          "collapse: accuracy falls, format and fluency hold (confidently wrong) <span class='sC'>C</span>"
-          "instruction-following collapse: format or fluency break <span class='sX'>·</span>not evaluated</p>")
+NAV = [("stages", "Stages"), ("curves", "Curves"), ("answers", "Answers"), ("synthetic", "Synthetic text"),
+       ("config", "Config")]
 
 
 def write_report(run_dir: Path) -> Path:
@@ -171,41 +163,24 @@ def write_report(run_dir: Path) -> Path:
     fig_dir = run_dir / "figures"
 
     timeline = [(f"{arm} · {fmt}", _points(f)) for arm, a in result["arms"].items() for fmt, f in a["formats"].items()]
-    sections = [f"<h1>Knowledge collapse report: {esc(run_dir.resolve().name)}</h1>",
-                f"<p class='meta'>Written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by kcollapse from "
-                f"{esc(str(run_dir.resolve()))} · {len(result['arms'])} arm(s) · generations 0…{last}</p>",
-                "<nav>" + "".join(f"<a href='#{i}'>{t}</a>" for i, t in [("stages", "Stages"), ("curves", "Curves"),
-                                                                         ("answers", "Answers"), ("synthetic", "Synthetic text"), ("config", "Config")]) + "</nav>",
-                "<h2 id='stages'>Stages</h2>", LEGEND, stage_table(result)]
-    if timeline:
-        sections.append(_img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline"))
-    sections.append(
-        render("stage_rule.html", rules=result["rules"], lead=LEAD_TIME))
-    sections.append("<h2 id='curves'>Curves per arm</h2><p class='note'>Accuracy panels: bands are that format's "
-                    "stages, the shaded region is the generation-0 accuracy plus the bootstrap CI of the change, the "
-                    "dashed line the held-out facts when the benchmark has them. Other panels: bands show the most "
-                    "advanced stage over all formats; text statistics at generation g (entropy, distinct-n, "
-                    "repetition, the synthetic text's fluency) describe generation g's training mix, which model g-1 "
-                    "wrote; perplexities and the answers' fluency describe model g.</p>")
-    for arm, a in result["arms"].items():
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", arm)
-        sections.append(f"<h3>{esc(arm)}</h3>" + _img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{safe}.png"),
-                                                      f"metrics of arm {arm}"))
+    arms = [{"name": arm,
+             "figure": img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{re.sub(r'[^A-Za-z0-9_.-]', '_', arm)}.png"),
+                           f"metrics of arm {arm}"),
+             "answers": answers_section(run_dir, arm, a), "synthetic": synthetic_section(run_dir, arm)}
+            for arm, a in result["arms"].items()]
+    mitigation = None
     if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
-        sections.append("<h2 id='resistance'>Domain-specific mitigation</h2>"
-                        + resistance_section(resistance.summarise_run(run_dir)))
-    sections.append("<h2 id='answers'>Answers to chosen questions</h2>")
-    for arm, a in result["arms"].items():
-        sections.append(f"<h3>{esc(arm)}</h3>" + answers_section(run_dir, arm, a))
-    sections.append("<h2 id='synthetic'>Synthetic training text</h2>")
-    for i, arm in enumerate(result["arms"]):
-        sections.append(f"<details{' open' if i == 0 else ''}><summary>{esc(arm)}</summary>"
-                        f"{synthetic_section(run_dir, arm)}</details>")
+        mitigation = resistance_section(resistance.summarise_run(run_dir))
     cfg = run_dir / "config.yaml"
-    cfg_text = cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)"
-    sections.append(f"<h2 id='config'>Config</h2><pre>{esc(cfg_text, 40000)}</pre>")
+    body = render(
+        "run_report.html", name=run_dir.resolve().name, path=str(run_dir.resolve()), last=last, nav=NAV, arms=arms,
+        written=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), stage_table=stage_table(result),
+        timeline=img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline") if timeline else None,
+        rule=render("stage_rule.html", rules=result["rules"], lead=LEAD_TIME), resistance=mitigation,
+        extra=[],  # further sections: {"id", "title", "body": markup}
+        config=cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)")
     out = run_dir / "report.html"
-    atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", Markup("\n".join(sections))))
+    atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", body))
     return out
 
 
@@ -273,18 +248,11 @@ def compare_command(run_dirs: list[Path], out: Path) -> Path:
                 lines[line(r, a)] = s.groupby("generation")["value"].last()
         if lines:
             panels.append((f"{metric} (model-centric)", lines))
-    body = [f"<h1>Knowledge collapse: comparison of {len(results)} run(s)</h1>",
-            f"<p class='meta'>Written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by kcollapse · runs: "
-            + ", ".join(f"{esc(k)} ({esc(str(Path(p).resolve()))})" for k, p in zip(results, run_dirs)) + "</p>",
-            "<h2>Stages</h2>", LEGEND]
-    for label, result in results.items():
-        body.append(f"<h3>{esc(label)}</h3>" + stage_table(result))
-    if panels:
-        body.append("<h2>Curves</h2>" + _img(figures.overlay_figure(panels, out / "figures" / "comparison.png",
-                                                                     "arms overlaid"), "comparison curves"))
-    body.append("<p class='note'>All rows: comparison.csv (run, arm, generation, metric, value, format, subject, "
-                "stage).</p>")
+    curves = img(figures.overlay_figure(panels, out / "figures" / "comparison.png", "arms overlaid"),
+                 "comparison curves") if panels else None
+    body = render("compare.html", written=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), curves=curves,
+                  runs=[(label, str(Path(p).resolve()), stage_table(r)) for (label, r), p in zip(results.items(), run_dirs)])
     path = out / "report.html"
-    atomic_write_text(path, page("kcollapse · comparison", Markup("\n".join(body))))
+    atomic_write_text(path, page("kcollapse · comparison", body))
     print(f"wrote {path} and {out / 'comparison.csv'}")
     return path

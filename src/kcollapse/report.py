@@ -64,7 +64,7 @@ def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> Markup:
     """Chosen questions of one format, the model's answers at generation 0, mid and last side by side."""
     files = {k: v for k, v in answer_files(run_dir).items() if k[0] == arm}
     if not files:
-        return Markup('<p class="note">No per-question answers for this arm.</p>')
+        return render("answers.html", fmt=None)
     fmts = [f for f in arm_stages.get("formats", {}) if (arm, 0, f) in files] or sorted({f for _, _, f in files})
     fmt = min(fmts, key=lambda f: (arm_stages["formats"].get(f, {}).get("onset_B") is None,
                                    arm_stages["formats"].get(f, {}).get("onset_B") or 0))

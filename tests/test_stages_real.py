@@ -1,10 +1,10 @@
 """Stages and the model-centric warning on what the real evaluator writes: models degraded on purpose.
 
-Six generations of hand-set bigram checkpoints (fixtures/bigram_models.py) go through `evaluate`, the same call
-the run loop makes, and the rows and answers files are laid out as the loop lays them out. Built in:
-model 2 starts writing repetitive text (its own held-out perplexity rises too), model 3 forgets 3/4 of the facts
-with its answers still one well-formed word (B), model 5 answers 'blah blah ...' (C). So B onset 3, C onset 5,
-model-centric warning at model 2, lead time 3 - 2 = 1.
+Six generations of hand-set bigram checkpoints (fixtures/bigram_models.py) per arm go through `evaluate`, the
+same call the run loop makes, and the rows and answers files are laid out as the loop lays them out. Built in, arm
+"a": model 2 starts writing repetitive text (its own held-out perplexity rises too), model 3 forgets 3/4 of the
+facts with its answers still one well-formed word (B), model 5 answers 'blah blah ...' (C). So B onset 3, C onset
+5, model-centric warning at model 2, lead time 3 - 2 = 1. Other arms move one signal each.
 """
 
 from __future__ import annotations
@@ -26,15 +26,18 @@ from kcollapse.models import load_model  # noqa: E402
 from kcollapse.stages import StageRules, classify_run  # noqa: E402
 
 N_Q = 24
-FORGOTTEN = set(range(0, N_Q, 4))  # model 3 on keeps only these (retention above chance ~0)
-SCENARIO = [  # (known questions, writes healthy text, answers in one word) per generation
-    (set(range(N_Q)), True, True),
-    (set(range(N_Q)), True, True),
-    (set(range(N_Q)), False, True),
-    (FORGOTTEN, False, True),
-    (FORGOTTEN, False, True),
-    (FORGOTTEN, False, False),
-]
+KEPT = set(range(0, N_Q, 4))  # what a model that forgot keeps (retention above chance ~0)
+ALL = set(range(N_Q))
+HEALTHY = dict(known=ALL)
+ARMS = {  # arm -> the model of each generation 1..5 (generation 0 is HEALTHY, shared as in the loop)
+    # the main story: text degrades from model 2, facts go at 3 (answers stay one word: B), answers break at 5 (C)
+    "a": [HEALTHY, dict(known=ALL, text_ok=False), dict(known=KEPT, text_ok=False), dict(known=KEPT, text_ok=False),
+          dict(known=KEPT, text_ok=False, answers="blah")],
+    # one signal at a time
+    "ppl": [dict(known=ALL, sure=1.0)] * 5,  # same greedy text and answers, held-out perplexity up from model 1
+    "long": [HEALTHY, HEALTHY] + [dict(known=ALL, answers="long")] * 3,  # answers grow to 12 words
+    "oov": [HEALTHY, HEALTHY] + [dict(known=ALL, answers="oov")] * 3,  # one-word answers the vocabulary lacks
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +49,28 @@ def real_run(tmp_path_factory):
     items = load_benchmark(cfg)
     train_texts = [healthy_text(k) for k in range(10)] + [" ".join(f"g{i}" for i in range(N_Q))]
     heldout = [healthy_text(k, 40) for k in range(3)]
-    run, rows = root / "run", []
-    models = [load_model(save_model(root / f"m{g}", words, known=k, n_questions=N_Q, text_ok=t, answers_ok=a),
-                         device="cpu") for g, (k, t, a) in enumerate(SCENARIO)]
-    model0, tok = models[0]
-    for g, (model, _) in enumerate(models):
+    run, rows, n = root / "run", [], 0
+
+    def model(spec):
+        nonlocal n
+        n += 1
+        return load_model(save_model(root / f"m{n}", words, n_questions=N_Q, **spec), device="cpu")
+
+    def evaluate_into(arm, g, m, mix):
         # as loop.Context: generation g's mix is written by model g-1 (alpha 1: all synthetic); gen 0 has none
-        mix = generate(models[g - 1][0], tok, [f"w{k}" for k in range(6)], 20) if g else None
-        out = evaluate(model, tok, cfg, items, heldout_texts=heldout, own_texts=mix, synthetic_texts=mix,
+        out = evaluate(m, tok, cfg, items, heldout_texts=heldout, own_texts=mix, synthetic_texts=mix,
                        reference_model=model0, reference_tokenizer=tok, reference_vocab=text_vocabulary(train_texts),
-                       answers_dir=run / "arms" / "a" / f"gen_{g}" / "answers")
-        rows += [{"arm": "a", "generation": g, **r} for r in out]
+                       answers_dir=run / "arms" / arm / f"gen_{g}" / "answers")
+        return [{"arm": arm, "generation": g, **r} for r in out]
+
+    model0, tok = model(HEALTHY)
+    for arm, specs in ARMS.items():
+        rows += evaluate_into(arm, 0, model0, None)
+        prev = model0
+        for g, spec in enumerate(specs, start=1):
+            current, _ = model(spec)
+            rows += evaluate_into(arm, g, current, generate(prev, tok, [f"w{k}" for k in range(6)], 20))
+            prev = current
     write_jsonl(run / "metrics.jsonl", rows)
     return run, rows
 
@@ -97,3 +111,21 @@ def test_model_warning_and_lead_time_are_what_was_built_in(real_run):
     assert model["not_written"] == []
     f = result["arms"]["a"]["formats"]["short_answer"]
     assert f["task_drop_generation"] == 3 and f["lead_time"] == 1
+
+
+def test_each_signal_alone(real_run):
+    """One degradation per arm: the rule names it and nothing else."""
+    run, _ = real_run
+    arms = classify_run(run, StageRules(n_boot=300))["arms"]
+    ppl = arms["ppl"]
+    assert ppl["model_centric"]["warnings"] == {"perplexity_heldout": 1}  # model 1 can warn: it is measured itself
+    assert ppl["formats"]["short_answer"]["stages"] == "AAAAAA" and ppl["formats"]["short_answer"]["lead_time"] is None
+    long = arms["long"]["formats"]["short_answer"]
+    assert long["stages"] == "AAACCC" and (long["onset_B"], long["onset_C"]) == (None, 3)
+    reasons = " ".join(long["generations"][3]["reasons"])
+    assert "answer length 1.0 -> 12.0 words" in reasons and "fluency" not in reasons and "repetition" not in reasons
+    oov = arms["oov"]["formats"]["short_answer"]
+    assert oov["stages"] == "AAACCC" and oov["onset_B"] is None
+    assert oov["generations"][3]["reasons"] == ["fluency 1.00 -> 0.00"]  # one short word: well-formed, same length
+    for arm in ("long", "oov"):
+        assert arms[arm]["model_centric"]["warnings"] == {}  # text and perplexity untouched

@@ -31,7 +31,7 @@ TASK_ORDER = ["accuracy", "judged_accuracy", "greedy_rate", "max_freq", "confide
               "format_adherence", "answer_wellformed", "answer_words", "answer_repetition", "judge_mean", "fluency"]
 MODEL_ORDER = ["perplexity", "perplexity_heldout", "entropy", "entropy_std", "distinct_1", "distinct_2",
                "repetition_rate", "fluency"]
-SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part"}
+SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part", "answers": "free-text answers"}
 
 
 def _literal_text(func):
@@ -149,9 +149,11 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
                 subj = None if pd.isna(subj) else subj
                 s = s.groupby("generation")["value"].last().sort_index()
                 ax.plot(s.index, s.values, "o-", ms=3, label=SUBJECT_LABEL.get(subj, str(subj)))
-            warned = arm_stages.get("model_centric", {}).get("warnings", {}).get(name)
-            if warned is not None:
-                ax.axvline(warned, color="black", ls="--", lw=0.9, label="model-centric warning")
+            mc = arm_stages.get("model_centric", {})
+            warned = mc.get("warnings", {}).get(name)
+            if warned is not None:  # warnings count models; model w's text is generation w+1's row
+                shift = str(mc.get("sources", {}).get(name, {}).get("written_by", "")).startswith("model g-1")
+                ax.axvline(warned + shift, color="black", ls="--", lw=0.9, label=f"model-centric warning (model {warned})")
             ax.set_title(name.replace("_", " ") + (" (model-centric)" if kind == "model" else ""), fontsize=9)
             if not legend_done.get(kind):
                 ax.legend(fontsize=6)

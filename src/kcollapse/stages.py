@@ -47,8 +47,11 @@ from pydantic import ValidationError
 from kcollapse import stats
 from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
-from kcollapse.io import atomic_write_json, read_jsonl
+from kcollapse.evaluate import freetext, metrics
+from kcollapse.evaluate.formats import get_format
 from kcollapse.evaluate.textstats import repetition
+from kcollapse.io import atomic_write_json, read_jsonl
+from kcollapse.tables import print_stages
 
 STAGE_RANK = {"A": 0, "B": 1, "C": 2}
 METRIC_COLUMNS = ["arm", "generation", "metric", "value", "format", "subject"]
@@ -157,8 +160,6 @@ FORMAT_SIGNALS = {"answer_wellformed": ("wellformed", "well-formed answers"),
 
 def _letters(path: Path) -> bool:
     """Is the answers file's format answered with a letter? (unknown formats: no)"""
-    from kcollapse.evaluate.formats import get_format
-
     try:
         return get_format(path.stem.rsplit("__", 1)[1]).answer == "letter"
     except UserError:
@@ -170,8 +171,6 @@ def _adherent(record: dict, path: Path) -> float:
     first words, not degenerate); records that lack it (older runs, imported logs) get that same rule applied."""
     if record.get("format_adherent") is not None:
         return float(bool(record["format_adherent"]))
-    from kcollapse.evaluate import freetext, metrics
-
     _, position = freetext.judge_mention(record["answer_text"], record.get("choices") or [], letters=_letters(path))
     return float(bool(metrics.adheres(record["answer_text"], position)))
 
@@ -181,9 +180,7 @@ def _wellformed(record: dict, judged) -> float:
     format's answer kind, so they get the text rule (adherent, or short and not degenerate)."""
     if "answer_wellformed" in record:
         return float(bool(record["answer_wellformed"]))
-    from kcollapse.evaluate.metrics import wellformed
-
-    return float(bool(wellformed(record["answer_text"], judged is not None, letters=False)))
+    return float(bool(metrics.wellformed(record["answer_text"], judged is not None, letters=False)))
 
 
 def _metric(df: pd.DataFrame, arm: str, metric: str, fmt: str | None, subject: str | None) -> pd.Series:
@@ -424,7 +421,5 @@ def stages_command(run_dir: Path, rules_file: Path | None = None) -> dict:
         raise UserError(f"{run_dir}: run directory not found")
     result = classify_run(run_dir, rules_file=rules_file)
     atomic_write_json(run_dir / "stages.json", result)
-    from kcollapse.tables import print_stages
-
     print_stages(result)
     return result

@@ -27,6 +27,7 @@ from kcollapse import resistance
 from kcollapse.config import ExperimentConfig, load_config
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
+from kcollapse.pages import img, page, render
 from kcollapse.stages import load_metrics
 from kcollapse.tables import resistance_lines
 
@@ -333,9 +334,8 @@ def summarise(trials: list[Trial], out: Path) -> dict:
 
 def write_report(out: Path, trials: list[Trial], result: dict) -> Path:
     """SWEEP/report.html (templates/sweep.html): self-contained (figures base64), every text escaped."""
-    from kcollapse import figures
-    from kcollapse.pages import img, page, render
-    from kcollapse.report import resistance_section
+    from kcollapse import figures  # deferred: matplotlib is slow to import
+    from kcollapse.report import resistance_section  # deferred: report draws figures (matplotlib)
 
     sections = {point: resistance_section(p, f"{point}: ") for point, p in result["points"].items()}
     dose = img(figures.dose_figure(result["dose_response"]), "dose-response") if result["dose_response"] else None

@@ -5,6 +5,10 @@ from files are printed as text, never as rich markup or terminal escapes.
 
 from __future__ import annotations
 
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from kcollapse.io import sanitize_terminal
 from kcollapse.pages import interval, num
 
@@ -15,17 +19,11 @@ def onset_text(value: int | None, last: int | None) -> str:
 
 def _plain(text):
     """A name from a file, printed as itself: no rich markup, no terminal escapes."""
-    from rich.text import Text
-
     return Text(sanitize_terminal(text, 200))
 
 
 def print_stages(result: dict) -> None:
     """The stage table of a stages.json result, one row per arm x format."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     last = result.get("last_generation")
     colors = {"A": "green", "B": "yellow", "C": "red", "?": "dim"}
     table = Table(title=_plain(f"stages of {result['run']}"),

@@ -104,8 +104,10 @@ def prepare(cfg: ExperimentConfig):
     items = load_benchmark(cfg.eval, organism_benchmark)
     if cfg.model == "organism":
         model_path = organism.ensure_gen0(cfg.organism, cache, world)
-    else:
-        model_path = cfg.model
+    else:  # a .gguf file or a packaged model: converted once to a cached safetensors checkpoint
+        from kcollapse.pretrained import resolve_model
+
+        model_path = resolve_model(cfg.model, cfg.cache_dir)
     return model_path, texts, items, extra
 
 

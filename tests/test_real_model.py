@@ -40,3 +40,66 @@ def test_an_answer_on_the_next_line_is_kept_and_judged(tmp_path):
     prompts = ["Question: What is the capital of France?\nAnswer:", "Question: What is the capital of Spain? Answer:"]
     assert generate_whole_answers(model, tok, prompts, 8) == ["\n\nParis", " Madrid"]
     assert generate_answers(model, tok, prompts, 8) == ["Paris", "Madrid"]
+
+
+def _tiny_models():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    yield GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    yield Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                             max_position_embeddings=256, sliding_window=8))
+
+
+@pytest.mark.parametrize("items", [None, 50])
+def test_chunked_loss_equals_the_model_loss_and_gradients(monkeypatch, items):
+    """Several vocabulary chunks, unlabelled positions (-100), mean or sum / num_items_in_batch: same loss and
+    gradients as the model's own `labels=` loss, to 1e-4."""
+    from kcollapse import lmloss
+
+    monkeypatch.setattr(lmloss, "CHUNK_BYTES", 4 * 300 * 7)  # 7 positions per chunk
+    for model in _tiny_models():
+        model.eval()  # no dropout: both passes see the same network
+        assert lmloss.supports_chunked_loss(model)
+        ids = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
+        labels = ids.clone()
+        labels[0, :5] = -100
+        labels[2, 15:] = -100
+        n = torch.tensor(items) if items else None
+        grads = []
+        for loss_of in (lambda: model(input_ids=ids, labels=labels, **({"num_items_in_batch": n} if n else {})).loss,
+                        lambda: lmloss.causal_lm_loss(model, ids, labels, num_items_in_batch=n)):
+            model.zero_grad()
+            loss = loss_of()
+            loss.backward()
+            grads.append((loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+        (plain, g_plain), (chunked, g_chunked) = grads
+        assert abs(plain - chunked) <= 1e-4 * abs(plain), (type(model).__name__, plain, chunked)
+        for name, g in g_plain.items():
+            assert torch.allclose(g, g_chunked[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fine_tuning_with_the_chunked_loss_gives_the_same_model(tiny_gemma, monkeypatch):
+    from kcollapse import lmloss
+    from kcollapse.config import TrainConfig
+    from kcollapse.models import load_model
+    from kcollapse.train import finetune
+
+    monkeypatch.setattr(lmloss, "CHUNK_BYTES", 4 * 400 * 16)
+    calls = []
+    real = lmloss.causal_lm_loss
+    monkeypatch.setattr(lmloss, "causal_lm_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = TrainConfig(lr=1e-3, max_steps=3, chunk_tokens=32, batch_size=2, grad_accum=2, gradient_checkpointing=False)
+    models = []
+    for chunked in (False, True):
+        monkeypatch.setattr(lmloss, "supports_chunked_loss", lambda m, c=chunked: c)
+        model, tok = load_model(tiny_gemma, device="cpu")
+        with tempfile.TemporaryDirectory() as work:
+            models.append(finetune(model, tok, corpus_lines(), cfg, seed=0, work_dir=Path(work)))
+    assert len(calls) == 6  # 3 steps x 2 accumulated batches, all through the chunked loss
+    plain, chunked = (dict(m.named_parameters()) for m in models)
+    moved = max((plain[k] - load_model(tiny_gemma, device="cpu")[0].state_dict()[k]).abs().max() for k in ["model.norm.weight"])
+    assert moved > 1e-4  # training did change the weights
+    for name, p in plain.items():
+        assert torch.allclose(p, chunked[name], rtol=1e-4, atol=1e-5), name

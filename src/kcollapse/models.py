@@ -257,3 +257,13 @@ def chat_prompt(tokenizer, text: str, system_prompt: str | None = None, use_temp
             raise
         merged = [{"role": "user", "content": f"{system_prompt}\n\n{text}"}]
         return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (Gemma's and Llama's <bos>; nothing for GPT-2 and the organism).
+    Token ids cut from the corpus carry none, and a SentencePiece model such as Gemma writes gibberish from a
+    prompt without its <bos>, so synthesis prompts and training texts get it here."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []

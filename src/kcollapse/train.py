@@ -19,11 +19,14 @@ from kcollapse.config import TrainConfig
 
 
 def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
-    """Texts joined with EOS, cut into chunks of `chunk_tokens`; a short tail is dropped unless it is all there is."""
-    eos = tokenizer.eos_token_id
+    """Texts joined with EOS (each opened with BOS when the tokenizer adds one, as in pre-training), cut into chunks
+    of `chunk_tokens`; a short tail is dropped unless it is all there is."""
+    from kcollapse.models import bos_prefix
+
+    eos, bos = tokenizer.eos_token_id, bos_prefix(tokenizer)
     stream: list[int] = []
     for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
+        stream.extend(bos + ids)
         if eos is not None:
             stream.append(eos)
     chunks = [stream[i : i + chunk_tokens] for i in range(0, len(stream), chunk_tokens)]

@@ -58,9 +58,13 @@ def test_chunked_loss_equals_the_model_loss_and_gradients(monkeypatch, items):
     from kcollapse import lmloss
 
     monkeypatch.setattr(lmloss, "CHUNK_BYTES", 4 * 300 * 7)  # 7 positions per chunk
+    monkeypatch.setattr(lmloss, "MIN_VOCAB", 300)
     for model in _tiny_models():
         model.eval()  # no dropout: both passes see the same network
         assert lmloss.supports_chunked_loss(model)
+        monkeypatch.setattr(lmloss, "MIN_VOCAB", 301)
+        assert not lmloss.supports_chunked_loss(model)  # small vocabularies keep the model's own loss
+        monkeypatch.setattr(lmloss, "MIN_VOCAB", 300)
         ids = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
         labels = ids.clone()
         labels[0, :5] = -100

@@ -7,8 +7,9 @@ gradients for the hidden states and the output matrix (softmax minus one-hot, th
 nothing of vocabulary size outlives its chunk and nothing is recomputed. The result equals the model's own loss
 (`ForCausalLMLoss`: mean over labelled positions, or sum / `num_items_in_batch` under gradient accumulation).
 
-Used only for heads that are a plain linear map of the last hidden state (`PLAIN_HEADS`, no logit soft-capping
-or scaling); any other model keeps the model's own loss.
+Used only where it matters, a vocabulary of `MIN_VOCAB` tokens or more (the organism's 1.5k keeps its float path
+bit for bit), and only for heads that are a plain linear map of the last hidden state (`PLAIN_HEADS`, no logit
+soft-capping or scaling); any other model keeps the model's own loss.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import torch
 PLAIN_HEADS = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "gpt_neox", "olmo",
                "olmo2", "stablelm", "starcoder2", "smollm3"}
 CHUNK_BYTES = 64 << 20  # float32 logits per chunk
+MIN_VOCAB = 32768
 
 
 def supports_chunked_loss(model) -> bool:
     config = model.config
     head = model.get_output_embeddings()
-    return (config.model_type in PLAIN_HEADS and not getattr(config, "final_logit_softcapping", None)
-            and isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "get_decoder"))
+    return (isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.shape[0] >= MIN_VOCAB
+            and config.model_type in PLAIN_HEADS and not getattr(config, "final_logit_softcapping", None)
+            and hasattr(model, "get_decoder"))
 
 
 def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None) -> torch.Tensor:

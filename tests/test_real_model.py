@@ -117,8 +117,8 @@ def test_real_gemma3_270m_knows_facts_and_runs_one_generation(tmp_path):
     """Gemma 3 270M from the weights package (converted once into the user's cache, reused after): generation 0
     answers organism cloze questions well above chance, and one generation of the preset, cut down, completes."""
     overrides = ["generations=1", "arms=[{name: alpha_1.0, synthetic_ratio: 1.0}]", "samples_per_generation=8",
-                 "train.max_steps=1", "eval.limit=8", "eval.formats=[cloze]", "eval.free_text_tokens=6",
-                 "corpus.heldout_max_texts=4"]
+                 "train.max_steps=1", "eval.limit=8", "eval.formats=[cloze]", "eval.free_text=true",
+                 "eval.free_text_tokens=6", "corpus.heldout_max_texts=4"]
     out = tmp_path / "run"
     args = ["run", "--preset", "gemma3-270m", "--out", out]
     for o in overrides:

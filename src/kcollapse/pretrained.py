@@ -65,10 +65,13 @@ def ensure_gguf_checkpoint(path: Path, cache: Path) -> Path:
     check_gguf_file(path)
     digest = _sha256(path)
     final = cache / f"gguf-{digest[:16]}"
-    if (final / MARKER).is_file():
+    if (final / MARKER).is_file() and _marker_version(final) == CONVERT_VERSION:
         return final
     check_gguf_readable(path)
     config = _gguf_config(path)
+    import sys
+
+    print(f"model: converting {path} to a safetensors checkpoint in {final} (once, a few minutes)", file=sys.stderr)
     start = time.perf_counter()
     model, tokenizer = _load_gguf(path, config)
     shutil.rmtree(final, ignore_errors=True)  # a conversion killed after saving, before its marker
@@ -79,6 +82,15 @@ def ensure_gguf_checkpoint(path: Path, cache: Path) -> Path:
         "architecture": config.model_type, "parameters": model.num_parameters(), "vocab": len(tokenizer),
         "convert_seconds": round(time.perf_counter() - start, 1)})
     return final
+
+
+def _marker_version(final: Path):
+    import json
+
+    try:
+        return json.loads((final / MARKER).read_text(encoding="utf-8")).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_gguf_file(path: Path) -> None:

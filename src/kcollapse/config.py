@@ -102,6 +102,8 @@ class EvalConfig(Strict):
     limit: int | None = Field(100, ge=1, description="questions per subject")
     split: str | None = Field(None, description="only questions of this benchmark split (e.g. heldout)")
     scoring: Literal["reference", "loglik"] = "reference"
+    permutation: bool = Field(True, description="also ask each question with its options rotated (position-bias control; "
+                                                "doubles option scoring of the formats that list options)")
     few_shot_k: int = Field(3, ge=0)
     few_shot_file: str | None = None
     free_text: bool = True

@@ -53,7 +53,9 @@ class CorpusConfig(Strict):
 class ArmConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     synthetic_ratio: float = Field(ge=0.0, le=1.0)
-    mode: Literal["replace", "accumulate", "real_only"] = "replace"
+    mode: Literal["replace", "accumulate", "accumulate_subsample", "real_only"] = Field(
+        "replace", description="train on this generation's mix (replace), on every mix so far (accumulate), on a "
+        "sample of every mix so far the size of one generation's (accumulate_subsample), or real text only")
     domain: str | None = None
     domain_corpus: str | None = Field(None, description="a text corpus of this domain (as the paper's per-topic files)")
     domain_keywords: list[str] | None = Field(None, description="keep only real texts mentioning one of these")

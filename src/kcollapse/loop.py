@@ -3,7 +3,8 @@
     gen 0 model --evaluate--> baseline (shared by every arm)
     for each arm, for g = 1..N:
         synthesize  draw blocks; keep (1-alpha) real, let model g-1 continue the rest    -> synthetic.jsonl
-        train       fine-tune model g-1 on this mix (replace), on all mixes (accumulate) -> model/
+        train       fine-tune model g-1 on this mix (replace), on all mixes (accumulate), on a sample of all
+                    mixes the size of one (accumulate_subsample)                           -> model/
         evaluate    model-centric and task-centric metrics                               -> metrics.jsonl
 
 Every step writes its result atomically and is skipped when its result exists, so re-running the same command
@@ -340,9 +341,21 @@ class Context:
             _write_state(self.run, done=False)
 
     def training_mix(self, arm, g: int) -> list[dict]:
-        if arm.mode != "accumulate":
+        """What generation g trains on: its own mix (replace, real_only), every mix so far (accumulate), or a
+        seeded sample of every mix so far the size of one generation's (accumulate_subsample: compute-matched)."""
+        if arm.mode not in ("accumulate", "accumulate_subsample"):
             return read_jsonl(self.run.gen_dir(arm.name, g) / "synthetic.jsonl")
-        return [r for k in range(1, g + 1) for r in read_jsonl(self.run.gen_dir(arm.name, k) / "synthetic.jsonl")]
+        pooled = [{**r, "generation": k, "row": i} for k in range(1, g + 1)
+                  for i, r in enumerate(read_jsonl(self.run.gen_dir(arm.name, k) / "synthetic.jsonl"))]
+        if arm.mode == "accumulate":
+            return pooled
+        size = sum(1 for r in pooled if r["generation"] == g)
+        sample = corpus_mod.draw(pooled, size, step_seed(self.cfg.seed, arm.name, "subsample", g))
+        record = self.run.gen_dir(arm.name, g) / "training_sample.json"
+        if not record.exists():  # which texts trained this generation: [generation, row of its synthetic.jsonl]
+            atomic_write_json(record, {"mode": arm.mode, "pool": len(pooled),
+                                       "rows": [[r["generation"], r["row"]] for r in sample]})
+        return sample
 
     def model_for(self, arm: str, g: int):
         """Model of generation g for this arm: kept in memory from the last step, or loaded (after a resume)."""

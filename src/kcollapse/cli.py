@@ -1,6 +1,6 @@
 """The `kcollapse` command line: one subcommand per step of a study.
 
-run -> (eval) -> stages -> report / compare; import-reference brings in the paper's own logs; sweep runs many
+run -> (eval) -> stages -> report / compare; verify checks a run against its recorded hashes; import-reference brings in the paper's own logs; sweep runs many
 configs and seeds on Ray; bench measures speed against the reference implementation's way of working.
 Every user mistake ends as one line on stderr and exit code 2 (`--debug` shows the traceback).
 """
@@ -180,6 +180,17 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
     from kcollapse.report import report_command
 
     report_command(run_dir)
+
+
+@app.command()
+@friendly
+def verify(run_dir: Path = typer.Argument(..., help="A run directory.")):
+    """Check a run directory against the hashes in its run.json: "ok", or one line per mismatch and exit 1."""
+    from kcollapse.provenance import verify_command
+
+    code = verify_command(run_dir)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from kcollapse import corpus as corpus_mod
+from kcollapse import provenance
 from kcollapse.config import ExperimentConfig, differing_fields, validate
 from kcollapse.errors import UserError
 from kcollapse.io import RunLock, atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp, write_jsonl
@@ -103,6 +104,7 @@ def prepare(cfg: ExperimentConfig):
             raise UserError(f"eval.{field}: {path} is not a local model directory")
     texts = corpus_mod.load_texts(cfg.corpus, organism_corpus)
     items = load_benchmark(cfg.eval, organism_benchmark)
+    extra["inputs"] = provenance.hash_inputs(cfg, organism_corpus, organism_benchmark, texts, items)
     if cfg.model == "organism":
         model_path = organism.ensure_gen0(cfg.organism, cache, world)
     else:
@@ -140,9 +142,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
     hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum" while cutting blocks
     start = time.time()
     model_path, model0, tokenizer, items, heldout, train_texts, pools, extra = _load(cfg)
+    inputs = extra.pop("inputs")
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         remove_stale_temp(out)  # what a killed run left half-written
+        if not (out / "run.json").exists():  # what the run is made of, as it starts (a resume keeps the record)
+            extra["provenance"] = provenance.record(cfg, inputs, model_path, model0)
         write_config(cfg, out, extra | {"model_path": str(model_path)})
         run = Run(cfg, out)
         ctx = Context(run, model0, tokenizer, items, [t.text for t in heldout], train_texts)
@@ -163,6 +168,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
                         progress.advance(overall)
         collect_metrics(run)
         _write_state(run, done=True)
+        provenance.update_run_json(out, finished=provenance.now())
         from kcollapse.report import write_report
 
         try:
@@ -279,10 +285,12 @@ class Context:
     def evaluate_gen0(self) -> None:
         gen0 = self.run.out / "gen_0"
         if not (gen0 / "metrics.jsonl").exists():
+            provenance.mark(gen0, "started")
             t0 = time.time()
             rows = self._evaluate(self.model0, gen0 / "answers", own=None)
             rows.append(_row("seconds_eval", time.time() - t0))
             write_jsonl(gen0 / "metrics.jsonl", rows)
+            provenance.mark(gen0, "finished")
         for arm in self.cfg.arms:  # generation 0 appears in every arm's curves
             answers = self.run.gen_dir(arm.name, 0) / "answers"
             if not answers.exists() and (gen0 / "answers").exists():
@@ -294,6 +302,7 @@ class Context:
         gdir = self.run.gen_dir(arm.name, g)
         if (gdir / "metrics.jsonl").exists():
             return
+        provenance.mark(gdir, "started")
         timing_path = gdir / "step.json"  # per-step numbers that outlive a resume
         timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
         mix_path, model_dir = gdir / "synthetic.jsonl", self.run.model_dir(arm.name, g)
@@ -335,6 +344,7 @@ class Context:
                               synthetic=[r["text"] for r in mix if r["source"] == "synthetic"])
         rows += [_row(k, v) for k, v in timing.items()] + [_row("seconds_eval", time.time() - t0)]
         write_jsonl(gdir / "metrics.jsonl", rows)
+        provenance.mark(gdir, "finished")
         self._drop_old_checkpoint(arm.name, g)
         if self.collect_each_step:
             collect_metrics(self.run)
@@ -405,6 +415,7 @@ def collect_metrics(run: Run) -> None:
             if path.exists():
                 rows += [{"arm": arm.name, "generation": g, **r} for r in read_jsonl(path)]
     write_jsonl(run.out / "metrics.jsonl", rows)
+    provenance.update_run_json(run.out)
 
 
 def generations_done(run: Run) -> dict[str, list[int]]:

@@ -83,11 +83,14 @@ def ece(records: list[dict], bins: int = ECE_BINS) -> float | None:
     return sum(len(g) / len(records) * abs(accuracy(g) - confidence(g)) for g in groups.values())
 
 
-def option_probs(record: dict) -> list[float]:
-    """The option probabilities the prediction and confidence come from (records written before them: from scores)."""
+def option_probs(record: dict) -> list[float] | None:
+    """The option probabilities the prediction and confidence come from (records written before them: from scores;
+    None for records with neither, e.g. imported logs)."""
     if record.get("option_probs") is not None:
         return record["option_probs"]
-    scores = record["scores"]
+    scores = record.get("scores")
+    if not scores:
+        return None
     if "scores_norm" in record:  # loglik: log-likelihoods
         finite = [s for s in scores if s != float("-inf")]
         if not finite:
@@ -100,7 +103,8 @@ def option_probs(record: dict) -> list[float]:
 
 
 def brier(records: list[dict]) -> float | None:
-    return _mean([sum((p - (k == r["correct_index"])) ** 2 for k, p in enumerate(option_probs(r))) for r in records])
+    probs = [(option_probs(r), r["correct_index"]) for r in records]
+    return _mean([sum((p - (k == gold)) ** 2 for k, p in enumerate(ps)) for ps, gold in probs if ps is not None])
 
 
 def reliability(records: list[dict], bins: int = ECE_BINS) -> list[dict]:

@@ -443,7 +443,8 @@ def print_table(result: dict) -> None:
     table = Table(title=_plain(f"stages of {result['run']}"),
                   caption="A preserved · B knowledge collapse · C instruction-following collapse · lead = "
                           "task-centric drop - model-centric warning (generations)")
-    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset", "position bias", "model warn", "lead"]:
+    biased = any(f.get("position_bias_generations") for a in result["arms"].values() for f in a["formats"].values())
+    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset"] + ["position bias"] * biased + ["model warn", "lead"]:
         table.add_column(col, no_wrap=col.startswith("gen"), overflow="fold")
     for arm, a in result["arms"].items():
         warn = a["model_centric"]["warning_generation"]
@@ -458,10 +459,10 @@ def print_table(result: dict) -> None:
             b_on, c_on = (f["error"], "") if "error" in f else (b_onset_text(f, last), onset_text(f["onset_C"], last))
             if "error" not in f and not f.get("knowledge_measurable", True):
                 b_on = "n/a: at chance at gen 0"
-            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, position_text(f), "-" if warn is None else f"gen {warn}",
+            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, *[position_text(f)] * biased, "-" if warn is None else f"gen {warn}",
                           "-" if lead is None else f"{lead:+d}")
         if not a["formats"]:
-            table.add_row(_plain(arm), "(no task metrics)", "", "", "", "", "-" if warn is None else f"gen {warn}", "")
+            table.add_row(_plain(arm), "(no task metrics)", "", "", "", *[""] * biased, "-" if warn is None else f"gen {warn}", "")
     Console().print(table)
 
 

@@ -26,7 +26,7 @@ from kcollapse.evaluate import evaluate, load_benchmark
 from kcollapse.io import read_jsonl
 from kcollapse.loop import run_experiment
 from kcollapse.report import write_report
-from kcollapse.stages import classify_run, position_text
+from kcollapse.stages import classify_run, position_text, stages_command
 
 from conftest import DATA, build_tokenizer, corpus_lines
 from test_loop import tiny_config
@@ -60,9 +60,10 @@ def rows(run_dir, fmt, metric, generation=0):
     return float(sel.value.iloc[0])
 
 
-def test_a_model_biased_to_one_position_is_flagged_as_position_bias_not_knowledge(letter_a_gpt2, tmp_path):
+def test_a_model_biased_to_one_position_is_flagged_as_position_bias_not_knowledge(letter_a_gpt2, tmp_path, capsys):
     cfg = validate(tiny_config(letter_a_gpt2, [{"name": "a", "synthetic_ratio": 0.5}], generations=1, threads=1,
-                               **{"eval.formats": RIGOUR_FORMATS, "eval.free_text": False, "train.lr": 1e-6}))
+                               **{"eval.formats": RIGOUR_FORMATS, "eval.free_text": False, "train.lr": 1e-6,
+                                  "eval.permutation": True}))
     out = run_experiment(cfg, tmp_path / "run")
     records = [r for p in (out / "arms/a/gen_0/answers").glob("*__multiple_choice.jsonl") for r in read_jsonl(p)]
     assert records and all(r["predicted_index"] == 0 and r["perm_predicted_position"] == 0 for r in records)
@@ -87,6 +88,9 @@ def test_a_model_biased_to_one_position_is_flagged_as_position_bias_not_knowledg
     assert all("position bias" in p["position_note"] and "on A" in p["position_note"] and "max_freq 1.00" in p["position_note"]
                for p in mc["generations"])
     assert sa["position_bias_generations"] == [] and not any("position_note" in p for p in sa["generations"])
+    stages_command(out)
+    table = capsys.readouterr().out
+    assert "position" in table and "gen 0" in table
     report = write_report(out).read_text()
     assert "Option-order control" in report and "100% of picks on A" in report
 

@@ -130,7 +130,7 @@ def test_brier_equals_a_hand_computation(tiny_gpt2, tmp_path, scoring):
     assert brier([{"option_probs": [0.5, 0.3, 0.2], "correct_index": 0}]) == pytest.approx(0.38)
 
 
-def test_provenance_is_recorded_and_verify_catches_a_changed_byte(tiny_gpt2, tmp_path):
+def test_provenance_is_recorded_and_verify_catches_a_changed_byte(tiny_gpt2, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     shutil.copy(DATA / "corpus.txt", corpus)
     cfg = validate(tiny_config(tiny_gpt2, [{"name": "a", "synthetic_ratio": 0.5}], threads=1, **{
@@ -162,6 +162,9 @@ def test_provenance_is_recorded_and_verify_catches_a_changed_byte(tiny_gpt2, tmp
     corpus.write_bytes(original[:i] + b"E" + original[i + 1:])  # one byte, same length
     code, lines = verify()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("corpus:") and str(corpus) in lines[0]
+    run_experiment(cfg, out)  # a resume on the changed corpus keeps the original record (and warns)
+    assert json.loads((out / "run.json").read_text())["provenance"] == prov
+    assert "corpus differs from the one this run started with" in capsys.readouterr().err
     corpus.write_bytes(original)
     assert verify()[0] == 0
     weights_file = out / "gen_0/model/model.safetensors"

@@ -148,6 +148,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
         remove_stale_temp(out)  # what a killed run left half-written
         if not (out / "run.json").exists():  # what the run is made of, as it starts (a resume keeps the record)
             extra["provenance"] = provenance.record(cfg, inputs, model_path, model0)
+        for name in provenance.changed_inputs(out, inputs):  # resuming on other data mixes two experiments
+            console.print(f"[yellow]warning[/]: {escape(name)} differs from the one this run started with "
+                          f"(run.json); `kcollapse verify {escape(str(out))}` lists what changed")
         write_config(cfg, out, extra | {"model_path": str(model_path)})
         run = Run(cfg, out)
         ctx = Context(run, model0, tokenizer, items, [t.text for t in heldout], train_texts)

@@ -171,6 +171,16 @@ def record(cfg, inputs: dict, model_path, model=None) -> dict:
             "kcollapse": kc | git_commit(), "host": host(model)}
 
 
+def changed_inputs(run_dir: Path, inputs: dict) -> list[str]:
+    """Names of the inputs hashed now (hash_inputs) whose hash differs from the one run.json recorded."""
+    try:
+        recorded = json.loads((Path(run_dir) / "run.json").read_text())["provenance"]["inputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    key = lambda e: (e or {}).get("sha256") or (e or {}).get("content_sha256")  # noqa: E731
+    return [n for n, e in inputs.items() if n in recorded and key(recorded[n]) != key(e)]
+
+
 def mark(gen_dir: Path, event: str) -> None:
     """Note in GEN_DIR/times.json when a generation started (first time only: a resume keeps it) or finished."""
     path = Path(gen_dir) / "times.json"

@@ -214,7 +214,7 @@ class StageRules(Strict):
     words_factor: float = Field(2.0, gt=1.0, description="C: answer length changed by more than this factor")
     fluency_drop: float = Field(0.2, gt=0.0, description="C: relative drop of fluency")
     confident_threshold: float = Field(0.5, gt=0.0, le=1.0, description="confident-wrong: wrong with confidence >= this")
-    position_bias: float = Field(0.3, gt=0.0, le=1.0, description="flag position bias (eval.permutation answers) when "
+    position_bias: float = Field(0.2, gt=0.0, le=1.0, description="flag position bias (eval.permutation answers) when "
                                  "position_bias >= this and the picks keep their letter more often than their option")
     ci: float = Field(0.95, gt=0.5, lt=1.0)
     n_boot: int = Field(1000, ge=50)

@@ -26,7 +26,7 @@ from kcollapse.evaluate import evaluate, load_benchmark
 from kcollapse.io import read_jsonl
 from kcollapse.loop import run_experiment
 from kcollapse.report import write_report
-from kcollapse.stages import classify_run, position_text, stages_command
+from kcollapse.stages import b_onset_text, classify_run, position_text, stages_command
 
 from conftest import DATA, build_tokenizer, corpus_lines
 from test_loop import tiny_config
@@ -34,8 +34,8 @@ from test_loop import tiny_config
 RIGOUR_FORMATS = ["multiple_choice", "short_answer", "cloze"]
 
 
-@pytest.fixture(scope="module")
-def letter_a_gpt2(tmp_path_factory):
+def letter_gpt2(path, letter: str):
+    """A GPT-2 checkpoint that answers `letter` to every prompt (see the module docstring)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -43,15 +43,18 @@ def letter_a_gpt2(tmp_path_factory):
     cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = GPT2LMHeadModel(cfg)
-    a = tok.convert_tokens_to_ids("A")
-    with torch.no_grad():  # constant final hidden state h with wte[A] . h = 8: "A" wins by a wide margin everywhere
-        w = model.transformer.wte.weight[a]
+    with torch.no_grad():  # constant final hidden state h with wte[letter] . h = 8: it wins by a wide margin everywhere
+        w = model.transformer.wte.weight[tok.convert_tokens_to_ids(letter)]
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.copy_(8 * w / w.norm() ** 2)
-    path = tmp_path_factory.mktemp("letter_a_gpt2")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def letter_a_gpt2(tmp_path_factory):
+    return letter_gpt2(tmp_path_factory.mktemp("letter_a_gpt2"), "A")
 
 
 def rows(run_dir, fmt, metric, generation=0):
@@ -101,6 +104,33 @@ def test_a_model_biased_to_one_position_is_flagged_as_position_bias_not_knowledg
     off = run_experiment(cfg_off, tmp_path / "off")
     assert classify_run(off)["arms"]["a"]["formats"]["multiple_choice"]["position_bias_generations"] == []
     assert rows(off, "multiple_choice", "max_freq") == 1.0
+
+
+def test_a_drop_that_is_a_change_of_favourite_letter_is_b_marked_position_bias(letter_a_gpt2, tmp_path, monkeypatch):
+    """Gen 0 answers "A" to a benchmark whose answers are mostly A (it looks knowledgeable); training turns it into a
+    model that answers "D": accuracy collapses (stage B), and the control shows both were positions, not facts."""
+    import kcollapse.train as train
+    from kcollapse.models import load_model
+
+    items = read_jsonl(DATA / "bench.jsonl")
+    for k, item in enumerate(items):  # gold moved to A for 10 of 12 questions
+        gold = 0 if k < 10 else 1
+        rest = [c for i, c in enumerate(item["choices"]) if i != item["answer"]]
+        item["choices"] = rest[:gold] + [item["choices"][item["answer"]]] + rest[gold:]
+        item["answer"] = gold
+    bench = tmp_path / "bench_mostly_a.jsonl"
+    bench.write_text("".join(json.dumps(i) + "\n" for i in items))
+    letter_d, _ = load_model(letter_gpt2(tmp_path / "letter_d", "D"))
+    monkeypatch.setattr(train, "finetune", lambda *a, **kw: letter_d)
+    cfg = validate(tiny_config(letter_a_gpt2, [{"name": "a", "synthetic_ratio": 1.0}], threads=1, **{
+        "eval.benchmark": str(bench), "eval.formats": ["multiple_choice"], "eval.free_text": False, "eval.permutation": True}))
+    out = run_experiment(cfg, tmp_path / "run")
+    assert rows(out, "multiple_choice", "accuracy") == pytest.approx(10 / 12)
+    assert rows(out, "multiple_choice", "accuracy_permuted") < 0.5 and rows(out, "multiple_choice", "consistent_correct") == 0
+    f = classify_run(out)["arms"]["a"]["formats"]["multiple_choice"]
+    assert f["stages"] == "ABB" and f["onset_B"] == 1 and f["position_bias_generations"] == [0, 1, 2]
+    assert b_onset_text(f, 2) == "gen 1 (position bias)"
+    assert any("100% of picks on D" in reason for reason in f["generations"][1]["reasons"])
 
 
 @pytest.mark.parametrize("scoring", ["reference", "loglik"])

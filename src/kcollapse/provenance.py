@@ -59,6 +59,15 @@ def sha256_json(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
+def sha256_texts(texts) -> str:
+    """Texts as loaded (a `datasets` corpus), hashed one by one, each prefixed by its byte length."""
+    h = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
 def config_sha256(cfg) -> str:
     from kcollapse.config import RUNTIME_FIELDS, flatten
 
@@ -84,7 +93,7 @@ def hash_inputs(cfg, organism_corpus: Path | None, organism_benchmark: Path | No
 
     out: dict[str, dict] = {}
     if cfg.corpus.dataset:
-        out["corpus"] = {"source": f"dataset {cfg.corpus.dataset}", "content_sha256": sha256_json([t.text for t in texts])}
+        out["corpus"] = {"source": f"dataset {cfg.corpus.dataset}", "content_sha256": sha256_texts(t.text for t in texts)}
     else:
         path = Path(organism_corpus if cfg.corpus.path == "organism" else cfg.corpus.path).expanduser().resolve()
         out["corpus"] = {"path": str(path), "sha256": sha256_path(path, None if path.is_file() else TEXT_SUFFIXES)}

@@ -69,9 +69,11 @@ def sha256_texts(texts) -> str:
 
 
 def config_sha256(cfg) -> str:
+    """The resolved config (an ExperimentConfig, or the dict config.yaml holds), speed-only fields left out."""
     from kcollapse.config import RUNTIME_FIELDS, flatten
 
-    return sha256_json({k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in RUNTIME_FIELDS})
+    data = cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json")
+    return sha256_json({k: v for k, v in flatten(data).items() if k not in RUNTIME_FIELDS})
 
 
 def weights_sha256(model_dir: Path) -> str | None:
@@ -134,7 +136,8 @@ def git_commit(start: Path | None = None) -> dict:
     start = start or Path(__file__).resolve().parent
     try:
         def git(*args):
-            return subprocess.run(["git", "-C", str(start), *args], capture_output=True, text=True, timeout=10, check=True).stdout
+            return subprocess.run(["git", "-C", str(start), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout
 
         top = Path(git("rev-parse", "--show-toplevel").strip())
         if not (top / "pyproject.toml").is_file():  # some other repository around a site-packages install
@@ -226,7 +229,7 @@ def update_run_json(run_dir: Path, **fields) -> None:
 def verify(run_dir: Path) -> list[str]:
     """One line per recorded hash that no longer matches (empty: everything matches); UserError when nothing is
     recorded."""
-    from kcollapse.config import read_yaml, validate
+    from kcollapse.config import read_yaml
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -239,9 +242,9 @@ def verify(run_dir: Path) -> list[str]:
         raise UserError(f"{run_dir / 'run.json'}: no provenance recorded (a run from before kcollapse recorded it)")
     problems = []
     cfg_path = run_dir / "config.yaml"
-    try:
-        now_cfg = config_sha256(validate(read_yaml(cfg_path), str(cfg_path)))
-    except UserError as e:
+    try:  # as written, not re-validated: a field a later kcollapse adds is not a change of this run
+        now_cfg = config_sha256(read_yaml(cfg_path))
+    except (UserError, AttributeError) as e:
         now_cfg = f"unreadable ({e})"
     if now_cfg != prov.get("config_sha256"):
         problems.append(f"config: {cfg_path} sha256 {_short(now_cfg)}, recorded {_short(prov.get('config_sha256'))}")
@@ -256,7 +259,8 @@ def verify(run_dir: Path) -> list[str]:
             now_hash = weights_sha256(where) if where.is_dir() else None
         else:
             where = Path(entry["path"])
-            now_hash = sha256_path(where, None if where.is_file() or name != "corpus" else _suffixes()) if where.exists() else None
+            suffixes = _suffixes() if name == "corpus" and where.is_dir() else None  # as hash_inputs read it
+            now_hash = sha256_path(where, suffixes) if where.exists() else None
         if now_hash is None:
             problems.append(f"{name}: {where} is missing")
         elif now_hash != entry["sha256"]:
@@ -281,6 +285,6 @@ def verify_command(run_dir: Path) -> int:
         for line in problems:
             print(sanitize_terminal(line))
         return 1
-    checked = 1 + sum(1 for e in prov.get("inputs", {}).values() if isinstance(e, dict) and e.get("sha256"))
-    print(f"ok: {checked} recorded hashes match (config, {', '.join(k for k, e in prov['inputs'].items() if e.get('sha256'))})")
+    names = ["config"] + [k for k, e in prov.get("inputs", {}).items() if isinstance(e, dict) and e.get("sha256")]
+    print(f"ok: {len(names)} recorded hashes match ({', '.join(names)})")
     return 0

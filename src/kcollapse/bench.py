@@ -50,11 +50,11 @@ def _median(fn, repeats: int):
 def reference_scores(model, tokenizer, prompts, targets, answer):
     """The paper's way: per question, per option, unbatched full-logit forwards; a letter option pays two (the
     prompt, for the letter's probability, and prompt + letter, for its greedy check), a text option one."""
-    from kcollapse.evaluate.scoring import LETTER, _encode_options, combine
+    from kcollapse.evaluate.scoring import LETTER, encode_options, combine
 
     out = []
     for prompt, ts in zip(prompts, targets):
-        (p,), (conts,) = _encode_options(tokenizer, model, [prompt], [ts], "reference", answer)
+        (p,), (conts,) = encode_options(tokenizer, model, [prompt], [ts], "reference", answer)
         per_option = []
         for c in conts:
             with torch.inference_mode():
@@ -73,9 +73,9 @@ def reference_scores(model, tokenizer, prompts, targets, answer):
 def lmeval_scores(model, tokenizer, prompts, targets, answer, batch_size: int = 32):
     """lm-evaluation-harness style: every (context, continuation) pair a row, longest first, right-padded batches,
     full-vocabulary log-softmax at every position."""
-    from kcollapse.evaluate.scoring import _encode_options, combine
+    from kcollapse.evaluate.scoring import encode_options, combine
 
-    prompt_ids, conts = _encode_options(tokenizer, model, prompts, targets, "reference", answer)
+    prompt_ids, conts = encode_options(tokenizer, model, prompts, targets, "reference", answer)
     reqs = [(q, k, prompt_ids[q], c) for q, cs in enumerate(conts) for k, c in enumerate(cs)]
     reqs.sort(key=lambda r: -(len(r[2]) + len(r[3])))
     got = {}
@@ -98,9 +98,9 @@ def lmeval_scores(model, tokenizer, prompts, targets, answer, batch_size: int = 
 def one_by_one_answers(model, tokenizer, prompts, max_new_tokens: int):
     """Batch-1 greedy `generate` per question, stopped at EOS or a line break -> (answers, new tokens)."""
     from kcollapse.evaluate.freetext import first_line
-    from kcollapse.generate import _newline_ids, encode
+    from kcollapse.lm import encode, newline_ids
 
-    stop = [tokenizer.eos_token_id, *_newline_ids(tokenizer)]
+    stop = [tokenizer.eos_token_id, *newline_ids(tokenizer)]
     keep = model.config.n_positions - max_new_tokens
     answers, n_new = [], 0
     for p in prompts:
@@ -137,7 +137,7 @@ def _models(tiny: bool):
 
     from kcollapse import organism
     from kcollapse.config import OrganismConfig
-    from kcollapse.organism.gen0 import _world_texts, build_model, build_tokenizer, gen0_key
+    from kcollapse.organism.gen0 import world_texts, build_model, build_tokenizer, gen0_key
 
     cfg = OrganismConfig()
     world = organism.build_world(cfg, organism.default_cache_dir())
@@ -148,7 +148,7 @@ def _models(tiny: bool):
         model, tok = load_model(cached, device="cpu")
         label = "organism (gen 0)"
     else:
-        tok = build_tokenizer(_world_texts(world), cfg.n_positions)
+        tok = build_tokenizer(world_texts(world), cfg.n_positions)
         tok.padding_side = "left"
         if tiny:
             cfg = cfg.model_copy(update=dict(n_embd=32, n_layer=2, n_head=2))
@@ -242,7 +242,7 @@ def reference_synthesis(model, tokenizer, prompts: list[list[int]], max_new_toke
 
 
 def bench_synthesis(label, model, tok, prompts, recipe, repeats):
-    from kcollapse.generate import generate
+    from kcollapse.lm import generate
 
     s = recipe.sampling
 

@@ -60,17 +60,6 @@ def friendly(func):
     return wrapper
 
 
-def _check_out_dir(out: Path) -> None:
-    """--out must be a directory or creatable as one: refuse a file (or a file on the way) before any work."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; expected a run directory")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--out {out}: {parent} is a file; expected a directory path")
-            break
-
-
 class _sigterm_as_interrupt:
     """A scheduler's SIGTERM (job time limit, preemption) stops a run as cleanly as Ctrl-C, while the run lasts."""
 
@@ -113,19 +102,21 @@ def run(
 ):
     """Run the recursive synthetic-training loop; re-running on the same RUN_DIR resumes it."""
     from kcollapse.config import load_config
-    from kcollapse.loop import run_experiment
-
     from kcollapse.io import RunLock
+    from kcollapse.loop import run_experiment  # deferred (as in every command): torch, transformers
+    from kcollapse.report import report_after_run
+    from kcollapse.rundir import check_out
 
     cfg = load_config(config, set_ or [], preset)
     name = config.stem if config is not None else (preset or "default")
     out = out or Path("runs") / name
-    _check_out_dir(out)
+    check_out(out)
     if out.is_dir():
         RunLock(out).check()  # a live run here: refuse now, not after loading the model
     run.resume_hint = f"Run the same command again to resume from the last finished step in {out}."
     with _sigterm_as_interrupt():
         run_experiment(cfg, out)
+    report_after_run(out)
 
 
 @app.command()
@@ -176,8 +167,13 @@ def stages(
 @app.command()
 @friendly
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
-    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/figures/."""
-    from kcollapse.report import report_command
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/figures/; for a sweep directory, the sweep's report."""
+    if (run_dir / "sweep.json").is_file():
+        from kcollapse.sweep import report_sweep  # deferred: pandas, matplotlib
+
+        report_sweep(run_dir)  # prints what it wrote
+        return
+    from kcollapse.report import report_command  # deferred: pandas, matplotlib
 
     report_command(run_dir)
 

@@ -14,7 +14,7 @@ from kcollapse.errors import UserError
 
 def eval_config(benchmark: str, formats: list[str], subjects: list[str], limit: int | None, scoring: str,
                 overrides: list[str]):
-    from kcollapse.config import EvalConfig, _format_validation_error, apply_overrides
+    from kcollapse.config import EvalConfig, format_validation_error, apply_overrides
     from pydantic import ValidationError
 
     data = EvalConfig().model_dump(mode="json")
@@ -29,7 +29,7 @@ def eval_config(benchmark: str, formats: list[str], subjects: list[str], limit: 
     try:
         cfg = EvalConfig.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err, "eval options")) from None
+        raise UserError(format_validation_error(err, "eval options")) from None
     from kcollapse.evaluate.formats import get_format
 
     for name in cfg.formats:

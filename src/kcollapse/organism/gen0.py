@@ -57,7 +57,7 @@ def _decoder():
     return decoders.Sequence(steps)
 
 
-def _world_texts(world: World) -> list[str]:
+def world_texts(world: World) -> list[str]:
     """Every text whose words must be known: the corpus, and each benchmark item in every format."""
     texts = [row["text"] for row in read_jsonl(world.corpus_path)]
     for item in read_jsonl(world.benchmark_path):
@@ -123,7 +123,7 @@ def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None
     if (final / "organism.json").is_file():  # written last: its presence means the checkpoint is complete
         return final
     texts = [row["text"] for row in read_jsonl(world.corpus_path)]
-    tokenizer = build_tokenizer(_world_texts(world), cfg.n_positions)
+    tokenizer = build_tokenizer(world_texts(world), cfg.n_positions)
     model = build_model(cfg, tokenizer)
     start = time.perf_counter()
     work_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".gen0-work-"))

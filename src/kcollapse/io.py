@@ -14,8 +14,8 @@ import re
 import shutil
 import socket
 import sys
-import time
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -199,8 +199,6 @@ class RunLock:
             raise self._refusal(owner)
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(100):
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)

@@ -206,6 +206,7 @@ class Runner:
         self.progress = None
         self.collect_each_step = True  # rebuild RUN_DIR/metrics.jsonl after every generation
         self.current: dict[str, tuple] = {}  # arm -> (generation, model) held in memory
+        self._mixes: tuple = (None, [])  # ((arm, generation), its training mixes) once read
 
     # -- generation 0 --------------------------------------------------------------------------------------
     def ensure_gen0_checkpoint(self, model_path) -> None:
@@ -285,9 +286,12 @@ class Runner:
         write_jsonl(self.run.gen_dir(arm.name, g) / "metrics.jsonl", rows)
 
     def training_mixes(self, arm, g: int) -> list[list[dict]]:
-        """The mixes model g trains on: its own (replace), or those of generations 1..g (accumulate)."""
-        gens = range(1, g + 1) if arm.mode == "accumulate" else [g]
-        return [read_jsonl(self.run.mix_path(arm.name, k)) for k in gens]
+        """The mixes model g trains on: its own (replace), or those of generations 1..g (accumulate); read once
+        for training and evaluation."""
+        if self._mixes[0] != (arm.name, g):
+            gens = range(1, g + 1) if arm.mode == "accumulate" else [g]
+            self._mixes = ((arm.name, g), [read_jsonl(self.run.mix_path(arm.name, k)) for k in gens])
+        return self._mixes[1]
 
     def model_for(self, arm: str, g: int):
         """Model of generation g for this arm: kept in memory from the last step, or loaded (after a resume)."""

@@ -104,7 +104,7 @@ def _attends_ahead(model) -> bool:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers is slow to import
 
     try:
         with _quiet_transformers():
@@ -124,7 +124,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                tokenizer_path: str | None = None):
     """(model, tokenizer) from a local checkpoint dir or a hub id, in eval mode on the resolved device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: transformers is slow to import
 
     path = str(path)
     local = Path(path)
@@ -178,7 +178,7 @@ class _quiet_transformers:
     """transformers' warnings and progress bars off while loading (errors still raise): one line per problem."""
 
     def __enter__(self):
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
         self.verbosity, self.bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
@@ -186,7 +186,7 @@ class _quiet_transformers:
         return self
 
     def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
         hf_logging.set_verbosity(self.verbosity)
         if self.bars:

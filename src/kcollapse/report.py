@@ -25,10 +25,10 @@ import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 
-from kcollapse import figures
+from kcollapse import figures, resistance
 from kcollapse.errors import UserError
-from kcollapse.io import atomic_write_text
 from kcollapse.evaluate.formats import LETTERS
+from kcollapse.io import atomic_write_text
 from kcollapse.rundir import answer_files, load_metrics
 from kcollapse.stages import classify_run, onset_text, run_stages
 BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
@@ -249,7 +249,6 @@ def write_report(run_dir: Path) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", arm)
         sections.append(f"<h3>{esc(arm)}</h3>" + _img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{safe}.png"),
                                                       f"metrics of arm {arm}"))
-    from kcollapse import resistance
 
     if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
         sections.append("<h2 id='resistance'>Domain-specific mitigation</h2>"

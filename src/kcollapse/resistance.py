@@ -274,10 +274,10 @@ def lines(summary: dict, label: str = "") -> list[str]:
 
 def retention_figure(c: dict, threshold: float = 0.8, fmt: str = "all") -> bytes:
     """PNG: both arms' retention on the domain's subject with bootstrap bands, the threshold and regime lines."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import
 
     f, gens = c["formats"][fmt], c["generations"]
     fig, ax = plt.subplots(figsize=(6, 3.4))

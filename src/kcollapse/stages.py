@@ -43,12 +43,16 @@ import numpy as np
 import pandas as pd
 import yaml
 from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
+from kcollapse.evaluate.metrics import wellformed
+from kcollapse.evaluate.textstats import repetition
 from kcollapse.io import atomic_write_json, read_jsonl, sanitize_terminal
 from kcollapse.rundir import answer_files, load_metrics
-from kcollapse.evaluate.textstats import repetition
 
 STAGE_RANK = {"A": 0, "B": 1, "C": 2}
 
@@ -125,7 +129,6 @@ def _wellformed(record: dict, judged) -> float:
     format's answer kind, so they get the text rule (adherent, or short and not degenerate)."""
     if "answer_wellformed" in record:
         return float(bool(record["answer_wellformed"]))
-    from kcollapse.evaluate.metrics import wellformed
 
     return float(bool(wellformed(record["answer_text"], judged is not None, letters=False)))
 
@@ -334,16 +337,10 @@ def onset_text(value: int | None, last: int | None) -> str:
 
 def _plain(text):
     """A name from a file, printed as itself: no rich markup, no terminal escapes."""
-    from rich.text import Text
-
     return Text(sanitize_terminal(text, 200))
 
 
 def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     last = result.get("last_generation")
     colors = {"A": "green", "B": "yellow", "C": "red", "?": "dim"}
     table = Table(title=_plain(f"stages of {result['run']}"),
@@ -392,8 +389,8 @@ def run_stages(run_dir: Path) -> dict:
     """The run's stages: stages.json when current, else classified once (run's rules) and written there."""
     result = current_stages(run_dir)
     if result is None:
-        result = classify_run(run_dir)
-        atomic_write_json(Path(run_dir) / "stages.json", result)
+        atomic_write_json(Path(run_dir) / "stages.json", classify_run(run_dir))
+        result = current_stages(run_dir)  # as read back: the same types whichever way the stages came
     return result
 
 

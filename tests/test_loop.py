@@ -14,6 +14,7 @@ from kcollapse.config import validate
 from kcollapse.errors import UserError
 from kcollapse.io import read_jsonl
 from kcollapse.loop import run_experiment
+from kcollapse.report import report_after_run
 
 from conftest import DATA, interrupted
 
@@ -172,6 +173,7 @@ def test_parallel_arms_resume_a_sequential_run_to_the_same_numbers(tiny_gpt2, tm
     run_experiment(validate(base), tmp_path / "sequential")
     interrupted(monkeypatch, 2, lambda: run_experiment(validate(base), tmp_path / "parallel"))
     run_experiment(validate({**base, "parallel_arms": 2}), tmp_path / "parallel")  # a runtime field: resume allowed
+    report_after_run(tmp_path / "parallel")  # as `kcollapse run` does after the loop
     pd.testing.assert_frame_equal(stable(tmp_path / "sequential"), stable(tmp_path / "parallel"))
     assert json.loads((tmp_path / "parallel/state.json").read_text())["complete"] is True
     assert (tmp_path / "parallel/report.html").exists()
@@ -184,17 +186,17 @@ class _ArmsReached(Exception):
 @pytest.mark.parametrize("threads, expected_gen0", [(None, 2), (1, 1)])
 def test_generation_0_runs_on_every_core_unless_threads_is_set(tiny_gpt2, tmp_path, monkeypatch, threads, expected_gen0):
     """Generation 0 has no parallel arms to share the cores with: it gets them all; arm workers split them."""
-    from kcollapse import loop
+    from kcollapse import loop, workers
 
     seen = {}
 
     def arms(cfg, out, parallel, progress, overall):
-        seen["worker"] = cfg.threads or loop._threads_per_worker(parallel)
+        seen["worker"] = cfg.threads or workers.threads_per_worker(parallel)
         raise _ArmsReached
 
-    monkeypatch.setattr(loop.Context, "evaluate_gen0", lambda self: seen.setdefault("gen0", torch.get_num_threads()))
-    monkeypatch.setattr(loop, "_run_arms_in_processes", arms)
-    monkeypatch.setattr(loop, "_threads_per_worker", lambda parallel: 2 // parallel)  # as on a 2-core machine
+    monkeypatch.setattr(loop.Runner, "evaluate_gen0", lambda self: seen.setdefault("gen0", torch.get_num_threads()))
+    monkeypatch.setattr(loop, "run_arms_in_processes", arms)
+    monkeypatch.setattr(workers, "threads_per_worker", lambda parallel: 2 // parallel)  # as on a 2-core machine
     arms_cfg = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}]
     torch.set_num_threads(2)
     try:

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from kcollapse.io import _umask  # noqa: E402
+from kcollapse.io import current_umask  # noqa: E402
 
 
 BAND = {"B": ("#f6c343", 0.22), "C": ("#e4572e", 0.22)}
@@ -53,7 +53,7 @@ def _save(fig, path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:  # atomic and readable like kcollapse.io's text writers (it has no bytes writer)
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

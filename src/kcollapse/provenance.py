@@ -25,6 +25,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from importlib.metadata import PackageNotFoundError, version
+
+from kcollapse.config import RUNTIME_FIELDS, flatten, read_yaml
+from kcollapse.corpus import TEXT_SUFFIXES
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, sanitize_terminal
 
@@ -70,8 +74,6 @@ def sha256_texts(texts) -> str:
 
 def config_sha256(cfg) -> str:
     """The resolved config (an ExperimentConfig, or the dict config.yaml holds), speed-only fields left out."""
-    from kcollapse.config import RUNTIME_FIELDS, flatten
-
     data = cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json")
     return sha256_json({k: v for k, v in flatten(data).items() if k not in RUNTIME_FIELDS})
 
@@ -91,8 +93,6 @@ def _local(path: str | Path) -> dict:
 
 def hash_inputs(cfg, organism_corpus: Path | None, organism_benchmark: Path | None, texts, items) -> dict:
     """name -> {path, sha256} (a local file or directory) or {source, content_sha256} (loaded from a hub)."""
-    from kcollapse.corpus import TEXT_SUFFIXES
-
     out: dict[str, dict] = {}
     if cfg.corpus.dataset:
         out["corpus"] = {"source": f"dataset {cfg.corpus.dataset}", "content_sha256": sha256_texts(t.text for t in texts)}
@@ -160,7 +160,7 @@ def _cpu_model() -> str:
 
 
 def host(model=None) -> dict:
-    import torch
+    import torch  # deferred: slow to import, and only a run (which has it loaded) asks
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     out = {"hostname": platform.node(), "os": platform.platform(), "cpu": _cpu_model(), "cores": os.cpu_count(),
@@ -173,8 +173,6 @@ def host(model=None) -> dict:
 
 def record(cfg, inputs: dict, model_path, model=None) -> dict:
     """The `provenance` section of run.json."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         kc = {"version": version("kcollapse")}
     except PackageNotFoundError:
@@ -191,16 +189,6 @@ def changed_inputs(run_dir: Path, inputs: dict) -> list[str]:
         return []
     key = lambda e: (e or {}).get("sha256") or (e or {}).get("content_sha256")  # noqa: E731
     return [n for n, e in inputs.items() if n in recorded and key(recorded[n]) != key(e)]
-
-
-def mark(gen_dir: Path, event: str) -> None:
-    """Note in GEN_DIR/times.json when a generation started (first time only: a resume keeps it) or finished."""
-    path = Path(gen_dir) / "times.json"
-    times = json.loads(path.read_text()) if path.is_file() else {}
-    if event == "started" and "started" in times:
-        return
-    times[event] = now()
-    atomic_write_json(path, times)
 
 
 def generation_times(run_dir: Path) -> dict:
@@ -229,8 +217,6 @@ def update_run_json(run_dir: Path, **fields) -> None:
 def verify(run_dir: Path) -> list[str]:
     """One line per recorded hash that no longer matches (empty: everything matches); UserError when nothing is
     recorded."""
-    from kcollapse.config import read_yaml
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run directory not found")
@@ -259,19 +245,13 @@ def verify(run_dir: Path) -> list[str]:
             now_hash = weights_sha256(where) if where.is_dir() else None
         else:
             where = Path(entry["path"])
-            suffixes = _suffixes() if name == "corpus" and where.is_dir() else None  # as hash_inputs read it
+            suffixes = TEXT_SUFFIXES if name == "corpus" and where.is_dir() else None  # as hash_inputs read it
             now_hash = sha256_path(where, suffixes) if where.exists() else None
         if now_hash is None:
             problems.append(f"{name}: {where} is missing")
         elif now_hash != entry["sha256"]:
             problems.append(f"{name}: {where} sha256 {_short(now_hash)}, recorded {_short(entry['sha256'])}")
     return problems
-
-
-def _suffixes():
-    from kcollapse.corpus import TEXT_SUFFIXES
-
-    return TEXT_SUFFIXES
 
 
 def _short(h) -> str:

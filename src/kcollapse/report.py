@@ -23,13 +23,15 @@ from pathlib import Path
 from string import Template
 
 import pandas as pd
+from rich.console import Console
+from rich.markup import escape
 
-from kcollapse import figures
+from kcollapse import figures, resistance, rigour
 from kcollapse.errors import UserError
-from kcollapse.io import atomic_write_json, atomic_write_text
-from kcollapse.stages import answer_files, b_onset_text, classify_run, load_metrics, onset_text, position_text
-
-LETTERS = "ABCDEFGHIJ"
+from kcollapse.evaluate.formats import LETTERS
+from kcollapse.io import atomic_write_text
+from kcollapse.rundir import answer_files, load_metrics
+from kcollapse.stages import b_onset_text, classify_run, onset_text, position_text, run_stages
 BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
 SAMPLES_PER_GEN = 2
 QUESTIONS_SHOWN = 6
@@ -202,7 +204,7 @@ def with_derived(df: pd.DataFrame, result: dict) -> pd.DataFrame:
     return pd.concat([df, extra], ignore_index=True) if not extra.empty else df
 
 
-def _page(title: str, body: str) -> str:
+def page(title: str, body: str) -> str:
     template = (resources.files("kcollapse") / "templates" / "report.html").read_text(encoding="utf-8")
     return Template(template).substitute(title=esc(title), body=body)
 
@@ -213,12 +215,12 @@ LEGEND = ("<p class='legend note'><span class='sA'>A</span>knowledge preserved <
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write RUN_DIR/report.html, RUN_DIR/figures/*.png and RUN_DIR/stages.json; return the report's path."""
+    """Write RUN_DIR/report.html and RUN_DIR/figures/*.png (and RUN_DIR/stages.json when absent or older than the
+    metrics); return the report's path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run directory not found")
-    result = classify_run(run_dir)
-    atomic_write_json(run_dir / "stages.json", result)
+    result = run_stages(run_dir)  # stages.json when current (e.g. custom rules), else classified now
     df = with_derived(load_metrics(run_dir), result)
     last = result.get("last_generation") or 0
     fig_dir = run_dir / "figures"
@@ -250,10 +252,9 @@ def write_report(run_dir: Path) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", arm)
         sections.append(f"<h3>{esc(arm)}</h3>" + _img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{safe}.png"),
                                                       f"metrics of arm {arm}"))
-    from kcollapse import resistance, rigour
 
-    sections.append("<h2 id='order'>Option-order control</h2>" + rigour.order_section(result, df))
-    sections.append("<h2 id='calibration'>Calibration</h2>" + rigour.calibration_section(run_dir, result, df, fig_dir))
+    sections.append("<h2 id='order'>Option-order control</h2>" + rigour.order_section(result, df, esc))
+    sections.append("<h2 id='calibration'>Calibration</h2>" + rigour.calibration_section(run_dir, result, df, fig_dir, esc, _img))
     if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
         sections.append("<h2 id='resistance'>Domain-specific mitigation</h2>"
                         + resistance.html_section(resistance.summarise_run(run_dir)))
@@ -266,19 +267,27 @@ def write_report(run_dir: Path) -> Path:
                         f"{synthetic_section(run_dir, arm)}</details>")
     cfg = run_dir / "config.yaml"
     cfg_text = cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)"
-    sections.append("<h2 id='provenance'>Provenance</h2>" + rigour.provenance_section(run_dir))
+    sections.append("<h2 id='provenance'>Provenance</h2>" + rigour.provenance_section(run_dir, esc))
     sections.append(f"<h2 id='config'>Config</h2><pre>{esc(cfg_text, 40000)}</pre>")
     out = run_dir / "report.html"
-    atomic_write_text(out, _page(f"kcollapse · {run_dir.resolve().name}", "\n".join(sections)))
+    atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", "\n".join(sections)))
     return out
 
 
-def report_command(run_dir: Path) -> Path:
-    if (Path(run_dir) / "sweep.json").is_file():  # a sweep directory: its own report
-        from kcollapse.sweep import report_sweep
+def report_after_run(run_dir: Path) -> Path | None:
+    """The report of a run just finished; on failure a warning only (the results are complete and safe, and
+    `kcollapse report` can redo it)."""
+    try:
+        return write_report(run_dir)
+    except Exception as e:
+        console = Console(stderr=True)
+        console.print(f"[yellow]warning[/]: report not written ({type(e).__name__}: {escape(str(e))[:200]}); "
+                      f"run `kcollapse report {escape(str(run_dir))}`")
+        return None
 
-        report_sweep(run_dir)  # prints what it wrote
-        return Path(run_dir) / "report.html"
+
+def report_command(run_dir: Path) -> Path:
+    """`kcollapse report RUN_DIR` (a sweep directory is cli's to dispatch to sweep.report_sweep)."""
     out = write_report(run_dir)
     print(f"wrote {out}")
     return out
@@ -349,6 +358,6 @@ def compare_command(run_dirs: list[Path], out: Path) -> Path:
     body.append("<p class='note'>All rows: comparison.csv (run, arm, generation, metric, value, format, subject, "
                 "stage).</p>")
     path = out / "report.html"
-    atomic_write_text(path, _page("kcollapse · comparison", "\n".join(body)))
+    atomic_write_text(path, page("kcollapse · comparison", "\n".join(body)))
     print(f"wrote {path} and {out / 'comparison.csv'}")
     return path

@@ -4,7 +4,8 @@ They answer a reviewer's usual questions about a collapse curve. Can the run be 
 (provenance.py's record in run.json)? Is the model's confidence still calibrated (ECE and Brier per format; a
 reliability diagram for generation 0 and each arm's last generation)? Is a "confidently wrong" answer lost
 knowledge or a drift to one option position (each question asked in a second option order, eval.permutation)?
-Each function returns an HTML fragment for report.py; every value read from a file passes through `esc`.
+Each function returns an HTML fragment for report.py, which hands in its `esc` (every value read from a file
+passes through it) and its image embedding.
 """
 
 from __future__ import annotations
@@ -17,16 +18,10 @@ import pandas as pd
 from kcollapse import figures
 from kcollapse.evaluate.metrics import reliability
 from kcollapse.io import read_jsonl
-from kcollapse.stages import answer_files
+from kcollapse.rundir import answer_files
 
 ORDER_METRICS = ["accuracy", "accuracy_permuted", "consistent_correct", "option_consistency", "position_consistency",
                  "position_bias", "max_freq"]
-
-
-def _esc(text, limit: int = 300) -> str:
-    from kcollapse.report import esc
-
-    return esc(text, limit)
 
 
 def _num(v, digits: int = 3) -> str:
@@ -41,7 +36,7 @@ def _value(df: pd.DataFrame, arm: str, g: int, metric: str, fmt: str):
 
 # ------------------------------------------------------------------------------------------------ provenance
 
-def provenance_section(run_dir: Path) -> str:
+def provenance_section(run_dir: Path, esc) -> str:
     path = Path(run_dir) / "run.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -54,7 +49,7 @@ def provenance_section(run_dir: Path) -> str:
     for name, e in (prov.get("inputs") or {}).items():
         if isinstance(e, dict):
             rows.append((name, e.get("path") or e.get("source"), e.get("sha256") or e.get("content_sha256")))
-    hashes = "".join(f"<tr><td>{_esc(n)}</td><td class='text'>{_esc(w)}</td><td class='text'>{_esc(h or 'not hashed')}</td></tr>"
+    hashes = "".join(f"<tr><td>{esc(n)}</td><td class='text'>{esc(w)}</td><td class='text'>{esc(h or 'not hashed')}</td></tr>"
                      for n, w, h in rows)
     kc, host = prov.get("kcollapse") or {}, prov.get("host") or {}
     commit = kc.get("git_commit")
@@ -65,7 +60,7 @@ def provenance_section(run_dir: Path) -> str:
              ("GPU", ", ".join(host.get("gpus") or []) or "none"),
              ("torch threads · device · dtype", f"{host.get('torch_threads')} · {host.get('device')} · {host.get('dtype')}"),
              ("started · finished", f"{data.get('started')} · {data.get('finished', 'not finished')}")]
-    facts_html = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in facts)
+    facts_html = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
     times = data.get("generation_times") or {}
     time_rows = []
     if "gen_0" in times:
@@ -73,20 +68,18 @@ def provenance_section(run_dir: Path) -> str:
     for arm, gens in times.items():
         if arm != "gen_0" and isinstance(gens, dict):
             time_rows += [(arm, g, t) for g, t in sorted(gens.items(), key=lambda kv: int(kv[0]))]
-    times_html = "".join(f"<tr><td>{_esc(a)}</td><td class='num'>{_esc(g)}</td><td>{_esc(t.get('started'))}</td>"
-                         f"<td>{_esc(t.get('finished'))}</td></tr>" for a, g, t in time_rows if isinstance(t, dict))
+    times_html = "".join(f"<tr><td>{esc(a)}</td><td class='num'>{esc(g)}</td><td>{esc(t.get('started'))}</td>"
+                         f"<td>{esc(t.get('finished'))}</td></tr>" for a, g, t in time_rows if isinstance(t, dict))
     return (f"<table>{facts_html}</table><table><tr><th>what</th><th>path or source</th><th>sha256</th></tr>{hashes}</table>"
-            f"<p class='note'>Check the run directory against these: <code>kcollapse verify {_esc(Path(run_dir).name)}</code>."
+            f"<p class='note'>Check the run directory against these: <code>kcollapse verify {esc(Path(run_dir).name)}</code>."
             "</p><details><summary>start and end of every generation (UTC)</summary><table><tr><th>arm</th>"
             f"<th>generation</th><th>started</th><th>finished</th></tr>{times_html}</table></details>")
 
 
 # ------------------------------------------------------------------------------------------------ calibration
 
-def calibration_section(run_dir: Path, result: dict, df: pd.DataFrame, fig_dir: Path) -> str:
+def calibration_section(run_dir: Path, result: dict, df: pd.DataFrame, fig_dir: Path, esc, img) -> str:
     """ECE and Brier per format at generation 0 and each arm's last generation, and their reliability diagram."""
-    from kcollapse.report import _img
-
     files = answer_files(run_dir)
     arms = list(result["arms"])
     formats = list(dict.fromkeys(f for a in result["arms"].values() for f in a["formats"]))
@@ -106,20 +99,20 @@ def calibration_section(run_dir: Path, result: dict, df: pd.DataFrame, fig_dir: 
             cells += [_value(df, arm, last, m, fmt) for m in ("ece", "brier")]
         if lines:
             curves[fmt] = lines
-        rows.append(f"<tr><td>{_esc(fmt)}</td>" + "".join(f"<td class='num'>{_num(v)}</td>" for v in cells) + "</tr>")
+        rows.append(f"<tr><td>{esc(fmt)}</td>" + "".join(f"<td class='num'>{_num(v)}</td>" for v in cells) + "</tr>")
     head = "<th>format</th><th>gen 0 ECE</th><th>gen 0 Brier</th>" + "".join(
-        f"<th>{_esc(a)} last ECE</th><th>{_esc(a)} last Brier</th>" for a in arms)
+        f"<th>{esc(a)} last ECE</th><th>{esc(a)} last Brier</th>" for a in arms)
     out = (f"<table><tr>{head}</tr>{''.join(rows)}</table><p class='note'>ECE: expected calibration error over 10 "
            "confidence bins; Brier: mean over questions of the squared distance between the option probabilities and "
            "the one-hot answer (0 perfect; 0.75 a uniform guess over 4 options; 2 certain and wrong).</p>")
     if curves:
-        out += _img(figures.reliability_figure(curves, fig_dir / "reliability.png"), "reliability diagrams")
+        out += img(figures.reliability_figure(curves, fig_dir / "reliability.png"), "reliability diagrams")
     return out
 
 
 # ------------------------------------------------------------------------------------------------ option order
 
-def order_section(result: dict, df: pd.DataFrame) -> str:
+def order_section(result: dict, df: pd.DataFrame, esc) -> str:
     """Accuracy in both option orders and the position-bias signals, generation 0 and last, per arm and format."""
     if not (df["metric"] == "accuracy_permuted").any():
         return ("<p class='note'>Not measured: the run asked every question in one option order "
@@ -134,9 +127,9 @@ def order_section(result: dict, df: pd.DataFrame) -> str:
                 continue
             notes = {p["generation"]: p.get("position_note") for p in f.get("generations", []) if isinstance(p, dict)}
             for g in sorted({gens[0], gens[-1]}):
-                rows.append(f"<tr><td>{_esc(arm)}</td><td>{_esc(fmt)}</td><td class='num'>{g}</td>" + "".join(
+                rows.append(f"<tr><td>{esc(arm)}</td><td>{esc(fmt)}</td><td class='num'>{g}</td>" + "".join(
                     f"<td class='num'>{_num(_value(df, arm, g, m, fmt))}</td>" for m in ORDER_METRICS)
-                    + f"<td class='note'>{_esc(notes.get(g) or 'no')}</td></tr>")
+                    + f"<td class='note'>{esc(notes.get(g) or 'no')}</td></tr>")
     return (f"<table><tr>{head}</tr>{''.join(rows)}</table><p class='note'>Every question of a format that lists its "
             "options is asked again with them rotated (a fixed shift per question, so the gold option moves). Lost "
             "knowledge lowers both accuracies while the same option is still picked in both orders; a drift to one "

@@ -40,7 +40,7 @@ RUN_DIR/config.yaml or by a YAML file of those fields):
 
 from __future__ import annotations
 
-import re
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,14 +49,19 @@ import numpy as np
 import pandas as pd
 import yaml
 from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
-from kcollapse.io import atomic_write_json, read_jsonl, sanitize_terminal
+from kcollapse.evaluate.formats import LETTERS
+from kcollapse.evaluate.metrics import option_consistency, position_bias, position_consistency, position_shares, wellformed
 from kcollapse.evaluate.textstats import repetition
+from kcollapse.io import atomic_write_json, read_jsonl, sanitize_terminal
+from kcollapse.rundir import answer_files, load_metrics
 
 STAGE_RANK = {"A": 0, "B": 1, "C": 2}
-METRIC_COLUMNS = ["arm", "generation", "metric", "value", "format", "subject"]
 
 
 def load_rules(run_dir: Path, rules_file: Path | None = None) -> StageRules:
@@ -86,40 +91,6 @@ def load_rules(run_dir: Path, rules_file: Path | None = None) -> StageRules:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-def load_metrics(run_dir: Path) -> pd.DataFrame:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; is {run_dir} a kcollapse run directory?")
-    df = pd.DataFrame(read_jsonl(path))
-    if df.empty:
-        raise UserError(f"{path}: no metric rows")
-    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: rows lack field(s) {missing}; expected {METRIC_COLUMNS}")
-    df = df[METRIC_COLUMNS].copy()
-    df["generation"] = pd.to_numeric(df["generation"], errors="coerce")
-    df["value"] = pd.to_numeric(df["value"], errors="coerce")
-    if df["generation"].isna().any():
-        raise UserError(f"{path}: a row has a non-integer generation")
-    df["generation"] = df["generation"].astype(int)
-    df["arm"] = df["arm"].astype(str)
-    df = df.astype({"format": object, "subject": object})
-    df[["format", "subject"]] = df[["format", "subject"]].where(df[["format", "subject"]].notna(), None)
-    # a resumed run may have re-written a row: the last one wins
-    return df.drop_duplicates(["arm", "generation", "metric", "format", "subject"], keep="last").reset_index(drop=True)
-
-
-def answer_files(run_dir: Path) -> dict[tuple[str, int, str], list[Path]]:
-    """(arm, generation, format) -> its answers files (one per subject)."""
-    out: dict[tuple[str, int, str], list[Path]] = {}
-    for path in sorted(Path(run_dir).glob("arms/*/gen_*/answers/*__*.jsonl")):
-        m = re.fullmatch(r"gen_(\d+)", path.parent.parent.name)
-        if m:
-            fmt = path.stem.rsplit("__", 1)[1]
-            out.setdefault((path.parent.parent.parent.name, int(m.group(1)), fmt), []).append(path)
-    return out
-
 
 def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
     """Per-question signals of one arm x generation x format, indexed by question id."""
@@ -162,9 +133,6 @@ FORMAT_SIGNALS = {"answer_wellformed": ("wellformed", "well-formed answers"),
 
 def position_check(paths: list[Path], rules: StageRules, max_freq: float | None = None) -> dict | None:
     """Position-bias signals of one arm x generation x format from its two-order answers (None without them)."""
-    from kcollapse.evaluate import metrics
-    from kcollapse.evaluate.formats import LETTERS
-
     records = [r for p in paths for r in read_jsonl(p) if r.get("perm_shift") is not None]
     if rules.subject and rules.subject.startswith("split:"):
         records = [r for r in records if r.get("split") == rules.subject[6:]]
@@ -172,10 +140,10 @@ def position_check(paths: list[Path], rules: StageRules, max_freq: float | None 
         records = [r for r in records if r.get("subject") == rules.subject]
     if not records:
         return None
-    shares = metrics.position_shares(records)
+    shares = position_shares(records)
     top = max(shares, key=lambda p: shares[p][0])
-    out = {"position_bias": metrics.position_bias(records), "position_consistency": metrics.position_consistency(records),
-           "option_consistency": metrics.option_consistency(records),
+    out = {"position_bias": position_bias(records), "position_consistency": position_consistency(records),
+           "option_consistency": option_consistency(records),
            "top_position": LETTERS[top] if top < len(LETTERS) else str(top), "top_share": shares[top][0],
            "gold_share": shares[top][1], "n": len(records)}
     out["flagged"] = bool(out["position_bias"] >= rules.position_bias
@@ -193,7 +161,6 @@ def _wellformed(record: dict, judged) -> float:
     format's answer kind, so they get the text rule (adherent, or short and not degenerate)."""
     if "answer_wellformed" in record:
         return float(bool(record["answer_wellformed"]))
-    from kcollapse.evaluate.metrics import wellformed
 
     return float(bool(wellformed(record["answer_text"], judged is not None, letters=False)))
 
@@ -428,16 +395,10 @@ def position_text(f: dict) -> str:
 
 def _plain(text):
     """A name from a file, printed as itself: no rich markup, no terminal escapes."""
-    from rich.text import Text
-
     return Text(sanitize_terminal(text, 200))
 
 
 def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     last = result.get("last_generation")
     colors = {"A": "green", "B": "yellow", "C": "red", "?": "dim"}
     table = Table(title=_plain(f"stages of {result['run']}"),
@@ -464,6 +425,32 @@ def print_table(result: dict) -> None:
         if not a["formats"]:
             table.add_row(_plain(arm), "(no task metrics)", "", "", "", *[""] * biased, "-" if warn is None else f"gen {warn}", "")
     Console().print(table)
+
+
+def current_stages(run_dir: Path) -> dict | None:
+    """RUN_DIR/stages.json when it is current (written after metrics.jsonl and every answers file, e.g. by
+    `kcollapse stages --rules ...`, whose rules it keeps), else None."""
+    path = Path(run_dir) / "stages.json"
+    if not path.is_file():
+        return None
+    inputs = [Path(run_dir) / "metrics.jsonl"] + [p for ps in answer_files(run_dir).values() for p in ps]
+    newest = max((p.stat().st_mtime_ns for p in inputs if p.is_file()), default=0)
+    if path.stat().st_mtime_ns < newest:
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("arms"), dict) else None
+
+
+def run_stages(run_dir: Path) -> dict:
+    """The run's stages: stages.json when current, else classified once (run's rules) and written there."""
+    result = current_stages(run_dir)
+    if result is None:
+        atomic_write_json(Path(run_dir) / "stages.json", classify_run(run_dir))
+        result = current_stages(run_dir)  # as read back: the same types whichever way the stages came
+    return result
 
 
 def stages_command(run_dir: Path, rules_file: Path | None = None) -> dict:

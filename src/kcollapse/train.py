@@ -9,7 +9,6 @@ causal-LM pre-training, so no compute goes to padding.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -54,7 +53,7 @@ def _collate(rows: list[dict]) -> dict:
 
 
 def _with_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: peft is slow to import
 
     lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules or "all-linear")
@@ -65,7 +64,7 @@ class _ProgressCallback:
     """Feeds the Trainer's step count into a rich progress bar."""
 
     def __init__(self, progress, total: int):
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # deferred: transformers is slow to import
 
         class Callback(TrainerCallback):
             def on_step_end(cb, args, state, control, **kw):  # noqa: N805
@@ -75,22 +74,10 @@ class _ProgressCallback:
         self.callback = Callback()
 
 
-def _pause_callback():
-    from transformers import TrainerCallback
-
-    from kcollapse.io import test_pause
-
-    class Pause(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            test_pause("train_step")
-
-    return Pause()
-
-
 def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int, work_dir: Path, progress=None):
     """Train `model` on `texts` and return it (LoRA adapters merged), in eval mode."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
-    from transformers.utils import logging as hf_logging
+    from transformers import PrinterCallback, Trainer, TrainingArguments  # deferred: transformers is slow to import
+    from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -116,8 +103,6 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
     )
     trainer = Trainer(model=model, args=args, train_dataset=_Chunks(chunks), data_collator=_collate)
     trainer.remove_callback(PrinterCallback)  # the run records its own metrics; no dicts on stdout
-    if os.environ.get("KCOLLAPSE_TEST_PAUSE"):  # the kill tests stop a run mid-training
-        trainer.add_callback(_pause_callback())
     if progress is not None:
         steps = cfg.max_steps or max(1, int(len(chunks) * cfg.epochs / (cfg.batch_size * cfg.grad_accum) + 0.999))
         cb = _ProgressCallback(progress, steps)

@@ -17,6 +17,7 @@ from kcollapse.evaluate import benchmark as bench
 from kcollapse.evaluate import freetext, metrics, permute, scoring, textstats
 from kcollapse.evaluate.formats import get_format, option_targets, render
 from kcollapse.io import write_jsonl
+from kcollapse.models import chat_prompt, load_model
 
 __all__ = ["load_benchmark", "evaluate"]
 
@@ -30,8 +31,6 @@ def load_benchmark(cfg: EvalConfig, organism_benchmark: Path | None = None) -> l
 
 
 def build_prompts(fmt, questions: list[dict], pool: list[dict], cfg: EvalConfig, tokenizer, use_chat_template: bool) -> list[str]:
-    from kcollapse.models import chat_prompt
-
     prompts = []
     for item in questions:
         shots = bench.few_shot_examples(item, pool, cfg.few_shot_k, fallback=questions) if fmt.example else []
@@ -89,8 +88,6 @@ def evaluate(model, tokenizer, cfg: EvalConfig, items: list[dict], *, heldout_te
     formats = [get_format(name, cfg.formats_file) for name in cfg.formats]
     judge = None
     if cfg.judge_model and cfg.free_text:
-        from kcollapse.models import load_model
-
         judge = load_model(cfg.judge_model, device=str(next(model.parameters()).device))
     task = progress.add_task("evaluate", total=len(formats)) if progress is not None else None
     rows, all_answers = [], []

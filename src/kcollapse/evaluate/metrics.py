@@ -38,6 +38,7 @@ import math
 from collections import Counter
 
 from kcollapse.evaluate.freetext import LETTER_ANSWER
+from kcollapse.evaluate.permute import gold_position
 from kcollapse.evaluate.textstats import repetition, words
 
 ECE_BINS = 10
@@ -138,8 +139,6 @@ def position_consistency(records: list[dict]) -> float | None:
 
 def position_shares(records: list[dict]) -> dict[int, tuple[float, float]]:
     """position -> (share of picks there, share of gold answers there), pooled over both orders."""
-    from kcollapse.evaluate.permute import gold_position
-
     rows = _permuted(records)
     picks = Counter([r["predicted_index"] for r in rows] + [r["perm_predicted_position"] for r in rows])
     golds = Counter([r["correct_index"] for r in rows] + [gold_position(r) for r in rows])

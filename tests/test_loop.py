@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -98,6 +99,26 @@ def test_modes_replace_accumulate_real_only(tiny_gpt2, tmp_path):
     # arms in one generation draw the same blocks: the real share of 'rep' is the head of 'real'
     rep, real = (read_jsonl(out / f"arms/{a}/gen_1/synthetic.jsonl") for a in ("rep", "real"))
     assert [r["text"] for r in rep if r["source"] == "real"] == [r["text"] for r in real][:12]
+
+
+def test_accumulate_subsample_trains_on_a_fixed_size_sample_of_every_generation(tiny_gpt2, tmp_path):
+    arms = [{"name": "sub", "synthetic_ratio": 0.5, "mode": "accumulate_subsample"}]
+    cfg = validate(tiny_config(tiny_gpt2, arms, generations=3, keep_checkpoints="all",
+                               **{"eval.formats": ["cloze"], "eval.free_text": False}))
+    out = run_experiment(cfg, tmp_path / "run")
+    texts = metrics(out).query("metric == 'train_texts'").set_index("generation").value
+    assert list(texts) == [24, 24, 24]  # compute-matched: one generation's worth, however large the pool grows
+    samples = {g: json.loads((out / f"arms/sub/gen_{g}/training_sample.json").read_text()) for g in (1, 2, 3)}
+    assert [s["pool"] for s in samples.values()] == [24, 48, 72]
+    for g, s in samples.items():
+        assert {k for k, _ in s["rows"]} == set(range(1, g + 1))  # texts of every earlier generation are present
+        assert len({tuple(r) for r in s["rows"]}) == 24  # drawn without replacement
+    # deterministic and resumable: the last generation redone from scratch draws the same sample, same numbers
+    before = stable(out)
+    shutil.rmtree(out / "arms/sub/gen_3")
+    run_experiment(cfg, out)
+    assert json.loads((out / "arms/sub/gen_3/training_sample.json").read_text()) == samples[3]
+    pd.testing.assert_frame_equal(stable(out), before)
 
 
 def test_chat_template_and_system_prompt_are_used(tiny_gemma, tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """The `kcollapse` command line: one subcommand per step of a study.
 
-run -> (eval) -> stages -> report / compare; import-reference brings in the paper's own logs; sweep runs many
-configs and seeds on Ray; bench measures speed against the reference implementation's way of working.
+run -> (eval) -> stages -> report / compare; verify checks a run against its recorded hashes; import-reference
+brings in the paper's own logs; sweep runs many configs and seeds on Ray; bench measures speed against the
+reference implementation's way of working.
 Every user mistake ends as one line on stderr and exit code 2 (`--debug` shows the traceback).
 """
 
@@ -20,6 +21,7 @@ import typer
 from kcollapse.config import load_config
 from kcollapse.errors import UserError
 from kcollapse.io import RunLock, atomic_write_text, sanitize_terminal
+from kcollapse.provenance import verify_command
 
 app = typer.Typer(
     help="Run, measure and explain knowledge collapse under recursive synthetic training.",
@@ -166,6 +168,15 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
     from kcollapse.report import report_command  # deferred: pandas, matplotlib
 
     report_command(run_dir)
+
+
+@app.command()
+@friendly
+def verify(run_dir: Path = typer.Argument(..., help="A run directory.")):
+    """Check a run directory against the hashes in its run.json: "ok", or one line per mismatch and exit 1."""
+    code = verify_command(run_dir)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

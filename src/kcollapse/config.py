@@ -51,7 +51,9 @@ class CorpusConfig(Strict):
 class ArmConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     synthetic_ratio: float = Field(ge=0.0, le=1.0)
-    mode: Literal["replace", "accumulate", "real_only"] = "replace"
+    mode: Literal["replace", "accumulate", "accumulate_subsample", "real_only"] = Field(
+        "replace", description="train on this generation's mix (replace), on every mix so far (accumulate), on a "
+        "sample of every mix so far the size of one generation's (accumulate_subsample), or real text only")
     domain: str | None = None
     domain_corpus: str | None = Field(None, description="a text corpus of this domain (as the paper's per-topic files)")
     domain_keywords: list[str] | None = Field(None, description="keep only real texts mentioning one of these")
@@ -100,6 +102,9 @@ class EvalConfig(Strict):
     limit: int | None = Field(100, ge=1, description="questions per subject")
     split: str | None = Field(None, description="only questions of this benchmark split (e.g. heldout)")
     scoring: Literal["reference", "loglik"] = "reference"
+    permutation: bool = Field(False, description="also ask each question with its options rotated (position-bias "
+                              "control; doubles option scoring of the formats that list options: +40% evaluation time "
+                              "on the organism, hence off by default)")
     few_shot_k: int = Field(3, ge=0)
     few_shot_file: str | None = None
     free_text: bool = True
@@ -205,6 +210,8 @@ class StageRules(Strict):
     words_factor: float = Field(2.0, gt=1.0, description="C: answer length changed by more than this factor")
     fluency_drop: float = Field(0.2, gt=0.0, description="C: relative drop of fluency")
     confident_threshold: float = Field(0.5, gt=0.0, le=1.0, description="confident-wrong: wrong with confidence >= this")
+    position_bias: float = Field(0.2, gt=0.0, le=1.0, description="flag position bias (eval.permutation answers) when "
+                                 "position_bias >= this and the picks keep their letter more often than their option")
     ci: float = Field(0.95, gt=0.5, lt=1.0)
     n_boot: int = Field(1000, ge=50)
     seed: int = 0

@@ -3,7 +3,8 @@
     gen 0 model --evaluate--> baseline (shared by every arm)
     for each arm, for g = 1..N:
         synthesize  draw blocks; keep (1-alpha) real, let model g-1 continue the rest    -> synthetic.jsonl
-        train       fine-tune model g-1 on this mix (replace), on all mixes (accumulate) -> model/
+        train       fine-tune model g-1 on this mix (replace), on all mixes (accumulate), on a sample of all
+                    mixes the size of one (accumulate_subsample)                           -> model/
         evaluate    model-centric and task-centric metrics                               -> metrics.jsonl
 
 Every step writes its result atomically and is skipped when its result exists, so re-running the same command
@@ -31,7 +32,7 @@ from rich.markup import escape
 from transformers.utils import logging as hf_logging
 
 from kcollapse import corpus as corpus_mod
-from kcollapse import organism, train, workers
+from kcollapse import organism, provenance, train, workers
 from kcollapse.config import ExperimentConfig
 from kcollapse.errors import UserError
 from kcollapse.evaluate import evaluate, load_benchmark
@@ -82,6 +83,7 @@ def prepare(cfg: ExperimentConfig):
             raise UserError(f"eval.{field}: {path} is not a local model directory")
     texts = corpus_mod.load_texts(cfg.corpus, organism_corpus)
     items = load_benchmark(cfg.eval, organism_benchmark)
+    extra["inputs"] = provenance.hash_inputs(cfg, organism_corpus, organism_benchmark, texts, items)
     model_path = organism.ensure_gen0(cfg.organism, cache, world) if cfg.model == "organism" else cfg.model
     return model_path, texts, items, extra
 
@@ -121,9 +123,15 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
     hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum" while cutting blocks
     start = time.time()
     s = setup(cfg)
+    inputs = s.extra.pop("inputs")
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         remove_stale_temp(out)  # what a killed run left half-written
+        if not (out / "run.json").exists():  # what the run is made of, as it starts (a resume keeps the record)
+            s.extra["provenance"] = provenance.record(cfg, inputs, s.model_path, s.model0)
+        for name in provenance.changed_inputs(out, inputs):  # resuming on other data mixes two experiments
+            console.print(f"[yellow]warning[/]: {escape(name)} differs from the one this run started with "
+                          f"(run.json); `kcollapse verify {escape(str(out))}` lists what changed")
         write_config(cfg, out, s.extra | {"model_path": s.model_path})
         run = Run(cfg, out)
         runner = Runner(run, s)
@@ -143,6 +151,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
                         progress.advance(overall)
         collect_metrics(run)
         write_state(run, done=True)
+        provenance.update_run_json(out, finished=provenance.now())
     console.print(f"[bold green]done[/] in {time.time() - start:.0f} s: {escape(sanitize_terminal(str(out)))}/metrics.jsonl")
     return out
 
@@ -226,10 +235,12 @@ class Runner:
     def evaluate_gen0(self) -> None:
         gen0 = self.run.out / "gen_0"
         if not (gen0 / "metrics.jsonl").exists():
+            mark_time(gen0, "started")
             t0 = time.time()
             rows = self._evaluate(self.s.model0, gen0 / "answers", own=None)
             rows.append(_row("seconds_eval", time.time() - t0))
             write_jsonl(gen0 / "metrics.jsonl", rows)
+            mark_time(gen0, "finished")
         for arm in self.cfg.arms:  # generation 0 appears in every arm's curves
             answers = self.run.gen_dir(arm.name, 0) / "answers"
             if not answers.exists() and (gen0 / "answers").exists():
@@ -242,10 +253,12 @@ class Runner:
         gdir = self.run.gen_dir(arm.name, g)
         if (gdir / "metrics.jsonl").exists():
             return
+        mark_time(gdir, "started")
         steps = StepLog(gdir / "step.json")
         steps.run("synthesize", self.run.mix_path(arm.name, g), lambda: self.synthesize(arm, g))
         steps.run("train", self.run.model_dir(arm.name, g), lambda: self.train(arm, g))
         self.evaluate(arm, g, steps.numbers)
+        mark_time(gdir, "finished")
         self._drop_old_checkpoint(arm.name, g)
         if self.collect_each_step:
             collect_metrics(self.run)
@@ -260,11 +273,11 @@ class Runner:
         write_jsonl(self.run.mix_path(arm.name, g), mix)
 
     def train(self, arm, g: int) -> None:
-        """Fine-tune model g-1 on this generation's mix (replace) or on every mix so far (accumulate) -> model/."""
+        """Fine-tune model g-1 on its training texts (training_texts) -> model/."""
         prev = self.model_for(arm.name, g - 1)
         if g == 1:  # training works in place; generation 0 stays the shared baseline and reference
             prev = copy.deepcopy(prev)
-        texts = [r["text"] for mix in self.training_mixes(arm, g) for r in mix]
+        texts = self.training_texts(arm, g)
         work_dir = self.run.gen_dir(arm.name, g) / ".trainer"
         model = train.finetune(prev, self.tokenizer, texts, self.cfg.train, seed=step_seed(self.cfg.seed, arm.name, "train", g),
                                work_dir=work_dir, progress=self.progress)
@@ -276,7 +289,7 @@ class Runner:
         """Model g's metrics -> gen_<g>/metrics.jsonl (the generation's done-marker), with the steps' numbers."""
         t0 = time.time()
         mixes = self.training_mixes(arm, g)
-        texts = [r["text"] for mix in mixes for r in mix]
+        texts = self.training_texts(arm, g)
         numbers = {**numbers, "train_texts": len(texts),
                    "train_tokens": sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))}
         rows = self._evaluate(self.model_for(arm.name, g), self.run.gen_dir(arm.name, g) / "answers",
@@ -286,12 +299,26 @@ class Runner:
         write_jsonl(self.run.gen_dir(arm.name, g) / "metrics.jsonl", rows)
 
     def training_mixes(self, arm, g: int) -> list[list[dict]]:
-        """The mixes model g trains on: its own (replace), or those of generations 1..g (accumulate); read once
-        for training and evaluation."""
+        """The mixes model g draws its training texts from: its own (replace), or those of generations 1..g
+        (accumulate, accumulate_subsample); read once for training and evaluation."""
         if self._mixes[0] != (arm.name, g):
-            gens = range(1, g + 1) if arm.mode == "accumulate" else [g]
+            gens = range(1, g + 1) if arm.mode in ("accumulate", "accumulate_subsample") else [g]
             self._mixes = ((arm.name, g), [read_jsonl(self.run.mix_path(arm.name, k)) for k in gens])
         return self._mixes[1]
+
+    def training_texts(self, arm, g: int) -> list[str]:
+        """Every text of the training mixes; for accumulate_subsample a seeded sample of them the size of one
+        generation's mix (accumulate at the compute of replace), recorded as [generation, row] pairs in
+        gen_<g>/training_sample.json."""
+        mixes = self.training_mixes(arm, g)
+        if arm.mode != "accumulate_subsample":
+            return [r["text"] for mix in mixes for r in mix]
+        pooled = [(k, i) for k, mix in enumerate(mixes, 1) for i in range(len(mix))]
+        sample = corpus_mod.draw(pooled, len(mixes[-1]), step_seed(self.cfg.seed, arm.name, "subsample", g))
+        record = self.run.gen_dir(arm.name, g) / "training_sample.json"
+        if not record.exists():
+            atomic_write_json(record, {"mode": arm.mode, "pool": len(pooled), "rows": [list(pair) for pair in sample]})
+        return [mixes[k - 1][i]["text"] for k, i in sample]
 
     def model_for(self, arm: str, g: int):
         """Model of generation g for this arm: kept in memory from the last step, or loaded (after a resume)."""
@@ -318,6 +345,18 @@ class Runner:
 
 def _row(metric: str, value: float, fmt=None, subject=None) -> dict:
     return {"metric": metric, "value": float(value), "format": fmt, "subject": subject}
+
+
+def mark_time(gen_dir: Path, event: str) -> None:
+    """Note in GEN_DIR/times.json when a generation started (the first time only: a resume keeps it) or finished;
+    provenance.generation_times gathers them into run.json."""
+    path = Path(gen_dir) / "times.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    if event == "started" and "started" in times:
+        return
+    times[event] = provenance.now()
+    atomic_write_json(path, times)
+
 
 def _pool_key(arm) -> tuple:
     """Arms drawing from the same pool draw the same blocks in a generation (paired comparison across alphas)."""

@@ -2,8 +2,9 @@
 
 A researcher should be able to mail RUN_DIR/report.html to a colleague and have it read offline: the figures are
 base64 PNGs (also saved under RUN_DIR/figures/), there is no script and nothing is fetched. The page holds the
-config, the stage table and timeline, per-arm curves with the stages shaded, the model's answers to chosen
-questions at generation 0, mid and last, and samples of the synthetic text of every generation.
+config, the stage table and timeline, per-arm curves with the stages shaded, the option-order control, calibration
+(ECE, Brier, reliability diagrams) and provenance (rigour.py), the model's answers to chosen questions at
+generation 0, mid and last, and samples of the synthetic text of every generation.
 
 Model-written text is hostile input: everything shown passes through `esc`, which HTML-escapes it, makes control
 characters, bidi overrides and lone surrogates visible, and truncates very long texts with a note.
@@ -25,12 +26,12 @@ import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 
-from kcollapse import figures, resistance
+from kcollapse import figures, resistance, rigour
 from kcollapse.errors import UserError
 from kcollapse.evaluate.formats import LETTERS
 from kcollapse.io import atomic_write_text
 from kcollapse.rundir import answer_files, load_metrics
-from kcollapse.stages import classify_run, onset_text, run_stages
+from kcollapse.stages import b_onset_text, classify_run, onset_text, position_text, run_stages
 BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
 SAMPLES_PER_GEN = 2
 QUESTIONS_SHOWN = 6
@@ -93,13 +94,13 @@ def stage_table(result: dict, label: str | None = None) -> str:
             rows.append(
                 "<tr>" + (f"<td>{esc(label)}</td>" if label else "") +
                 f"<td>{esc(arm)}</td><td>{esc(fmt)}</td><td>{_stage_cells(_points(f), last)}</td>"
-                f"<td>{onset_text(f.get('onset_B'), last)}</td><td>{onset_text(f.get('onset_C'), last)}</td>"
+                f"<td>{esc(b_onset_text(f, last))}</td><td>{onset_text(f.get('onset_C'), last)}</td><td>{esc(position_text(f))}</td>"
                 f"<td class='num'>{_fmt((f.get('baseline') or {}).get('accuracy'))}</td>"
                 f"<td class='num'>{_fmt(last_pt.get('retention'), 2)}</td>"
                 f"<td>{'–' if warn is None else f'gen {warn}'}<br><span class='note'>{warned}</span></td>"
                 f"<td class='num'>{'–' if lead is None else f'{lead:+d}'}</td><td class='note'>{esc(why)}</td></tr>")
     head = ("<tr>" + ("<th>run</th>" if label else "") + f"<th>arm</th><th>format</th><th>stage per generation 0…{last}</th>"
-            "<th>B onset</th><th>C onset</th><th>gen-0 accuracy</th><th>last retention</th>"
+            "<th>B onset</th><th>C onset</th><th>position bias</th><th>gen-0 accuracy</th><th>last retention</th>"
             "<th>model-centric warning</th><th>lead (gens)</th><th>last generation: why</th></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -229,7 +230,9 @@ def write_report(run_dir: Path) -> Path:
                 f"<p class='meta'>Written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by kcollapse from "
                 f"{esc(str(run_dir.resolve()))} · {len(result['arms'])} arm(s) · generations 0…{last}</p>",
                 "<nav>" + "".join(f"<a href='#{i}'>{t}</a>" for i, t in [("stages", "Stages"), ("curves", "Curves"),
-                                                                         ("answers", "Answers"), ("synthetic", "Synthetic text"), ("config", "Config")]) + "</nav>",
+                                                                         ("order", "Option order"), ("calibration", "Calibration"),
+                                                                         ("answers", "Answers"), ("synthetic", "Synthetic text"),
+                                                                         ("provenance", "Provenance"), ("config", "Config")]) + "</nav>",
                 "<h2 id='stages'>Stages</h2>", LEGEND, stage_table(result)]
     if timeline:
         sections.append(_img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline"))
@@ -250,6 +253,8 @@ def write_report(run_dir: Path) -> Path:
         sections.append(f"<h3>{esc(arm)}</h3>" + _img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{safe}.png"),
                                                       f"metrics of arm {arm}"))
 
+    sections.append("<h2 id='order'>Option-order control</h2>" + rigour.order_section(result, df, esc))
+    sections.append("<h2 id='calibration'>Calibration</h2>" + rigour.calibration_section(run_dir, result, df, fig_dir, esc, _img))
     if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
         sections.append("<h2 id='resistance'>Domain-specific mitigation</h2>"
                         + resistance.html_section(resistance.summarise_run(run_dir)))
@@ -262,6 +267,7 @@ def write_report(run_dir: Path) -> Path:
                         f"{synthetic_section(run_dir, arm)}</details>")
     cfg = run_dir / "config.yaml"
     cfg_text = cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)"
+    sections.append("<h2 id='provenance'>Provenance</h2>" + rigour.provenance_section(run_dir, esc))
     sections.append(f"<h2 id='config'>Config</h2><pre>{esc(cfg_text, 40000)}</pre>")
     out = run_dir / "report.html"
     atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", "\n".join(sections)))

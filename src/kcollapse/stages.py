@@ -24,6 +24,12 @@ RUN_DIR/config.yaml or by a YAML file of those fields):
 - B when not C, retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
   0; without answers: a drop of at least `min_drop`).
 - A otherwise. Generation 0 is A by definition.
+- Position bias (answers asked in two option orders, eval.permutation): a generation is flagged when
+  `position_bias` (how far the picked letters' distribution is from the gold letters', both orders pooled) is at
+  least `rules.position_bias` and the same letter is picked in both orders more often than the same option. The
+  flag does not change the letter; it says that a falling accuracy and a high `max_freq` are a drift to one
+  option position rather than (only) lost knowledge: the point's `position_note`, the format's
+  `position_bias_generations` and `onset_position_bias`, "(position bias)" after the B onset in the tables.
 - Onset of B (of C): the first generation from which the stage is at least B (is C) for `persist` evaluated
   generations in a row (fewer at the end of the run), so that one noisy generation starts nothing.
 - Model-centric signals (perplexity, entropy, distinct-n, repetition of the training text) are only reported
@@ -49,7 +55,8 @@ from rich.text import Text
 
 from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
-from kcollapse.evaluate.metrics import wellformed
+from kcollapse.evaluate.formats import LETTERS
+from kcollapse.evaluate.metrics import option_consistency, position_bias, position_consistency, position_shares, wellformed
 from kcollapse.evaluate.textstats import repetition
 from kcollapse.io import atomic_write_json, read_jsonl, sanitize_terminal
 from kcollapse.rundir import answer_files, load_metrics
@@ -122,6 +129,31 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
 # (older runs, imported logs) fall back to format_adherence
 FORMAT_SIGNALS = {"answer_wellformed": ("wellformed", "well-formed answers"),
                   "format_adherence": ("adherent", "format adherence")}
+
+
+def position_check(paths: list[Path], rules: StageRules, max_freq: float | None = None) -> dict | None:
+    """Position-bias signals of one arm x generation x format from its two-order answers (None without them)."""
+    records = [r for p in paths for r in read_jsonl(p) if r.get("perm_shift") is not None]
+    if rules.subject and rules.subject.startswith("split:"):
+        records = [r for r in records if r.get("split") == rules.subject[6:]]
+    elif rules.subject:
+        records = [r for r in records if r.get("subject") == rules.subject]
+    if not records:
+        return None
+    shares = position_shares(records)
+    top = max(shares, key=lambda p: shares[p][0])
+    out = {"position_bias": position_bias(records), "position_consistency": position_consistency(records),
+           "option_consistency": option_consistency(records),
+           "top_position": LETTERS[top] if top < len(LETTERS) else str(top), "top_share": shares[top][0],
+           "gold_share": shares[top][1], "n": len(records)}
+    out["flagged"] = bool(out["position_bias"] >= rules.position_bias
+                          and out["position_consistency"] > out["option_consistency"])
+    if out["flagged"]:
+        out["note"] = (f"position bias: {out['top_share']:.0%} of picks on {out['top_position']} over both option orders "
+                       f"(gold {out['gold_share']:.0%} there){f', max_freq {max_freq:.2f}' if max_freq is not None else ''}; "
+                       f"same letter in both orders {out['position_consistency']:.0%}, same option "
+                       f"{out['option_consistency']:.0%}")
+    return out
 
 
 def _wellformed(record: dict, judged) -> float:
@@ -307,10 +339,19 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
                     if not cur.empty and len(cur.index.intersection(base.index)):
                         boot = _paired_bootstrap(cur, base, rules, seed=g)
                         chance = boot["chance"]
-                points.append(_classify_point(g, boot, mvals[g], mvals[0], rules, chance))
+                point = _classify_point(g, boot, mvals[g], mvals[0], rules, chance)
+                pos = position_check(files[(arm, g, fmt)], rules, mvals[g].get("max_freq")) if (arm, g, fmt) in files else None
+                if pos is not None:
+                    point["position"] = pos
+                    if pos["flagged"]:
+                        point["position_note"] = pos["note"]
+                        if point["stage"] == "B":
+                            point["reasons"].append(pos["note"])
+                points.append(point)
             letters = [p["stage"] for p in points]
             on_b = onset(gens, [STAGE_RANK[s] >= 1 for s in letters], rules.persist)
             on_c = onset(gens, [s == "C" for s in letters], rules.persist)
+            biased = [p["generation"] for p in points if p.get("position", {}).get("flagged")]
             drop = min([g for g in (on_b, on_c) if g is not None], default=None)
             warn = model["warning_generation"]
             acc0 = points[0].get("accuracy")
@@ -323,6 +364,8 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
                 "onset_B": on_b,
                 "onset_C": on_c,
                 "task_drop_generation": drop,
+                "position_bias_generations": biased,
+                "onset_position_bias": onset(gens, [g in biased for g in gens], rules.persist),
                 "lead_time": (drop - warn) if drop is not None and warn is not None else None,
             }
         result["arms"][arm] = arm_out
@@ -333,6 +376,21 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
 
 def onset_text(value: int | None, last: int | None) -> str:
     return f"gen {value}" if value is not None else f"not reached by {last}"
+
+
+def b_onset_text(f: dict, last: int | None) -> str:
+    """The B onset, marked when the model is position-biased there (a drift to one letter, not only lost facts)."""
+    text = onset_text(f.get("onset_B"), last)
+    if f.get("onset_B") is not None and f["onset_B"] in f.get("position_bias_generations", []):
+        text += " (position bias)"
+    return text
+
+
+def position_text(f: dict) -> str:
+    gens = f.get("position_bias_generations") or []
+    if not gens:
+        return "-"
+    return f"gen {f['onset_position_bias']}" if f.get("onset_position_bias") is not None else f"gen {gens[0]} (not persistent)"
 
 
 def _plain(text):
@@ -346,7 +404,8 @@ def print_table(result: dict) -> None:
     table = Table(title=_plain(f"stages of {result['run']}"),
                   caption="A preserved · B knowledge collapse · C instruction-following collapse · lead = "
                           "task-centric drop - model-centric warning (generations)")
-    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset", "model warn", "lead"]:
+    biased = any(f.get("position_bias_generations") for a in result["arms"].values() for f in a["formats"].values())
+    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset"] + ["position bias"] * biased + ["model warn", "lead"]:
         table.add_column(col, no_wrap=col.startswith("gen"), overflow="fold")
     for arm, a in result["arms"].items():
         warn = a["model_centric"]["warning_generation"]
@@ -358,13 +417,13 @@ def print_table(result: dict) -> None:
                 s = by_gen.get(g, "·")
                 cells.append(s, style=colors.get(s, "dim"))
             lead = f.get("lead_time")
-            b_on, c_on = (f["error"], "") if "error" in f else (onset_text(f["onset_B"], last), onset_text(f["onset_C"], last))
+            b_on, c_on = (f["error"], "") if "error" in f else (b_onset_text(f, last), onset_text(f["onset_C"], last))
             if "error" not in f and not f.get("knowledge_measurable", True):
                 b_on = "n/a: at chance at gen 0"
-            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, "-" if warn is None else f"gen {warn}",
+            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, *[position_text(f)] * biased, "-" if warn is None else f"gen {warn}",
                           "-" if lead is None else f"{lead:+d}")
         if not a["formats"]:
-            table.add_row(_plain(arm), "(no task metrics)", "", "", "", "-" if warn is None else f"gen {warn}", "")
+            table.add_row(_plain(arm), "(no task metrics)", "", "", "", *[""] * biased, "-" if warn is None else f"gen {warn}", "")
     Console().print(table)
 
 

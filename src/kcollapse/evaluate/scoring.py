@@ -4,7 +4,8 @@
 of the first token of the bare letter ("A", no leading space) right after the prompt; a text format by the
 geometric mean of the probabilities of the bare choice text's tokens right after the prompt (no space).
 `loglik` is lm-evaluation-harness style: the summed log-probability of " " + continuation, and that sum divided
-by the continuation's UTF-8 byte length (`scores_norm`). `is_greedy[k]`: every scored token of option k is the
+by the continuation's UTF-8 byte length (`scores_norm`). `option_probs`: the scores as probabilities over the
+options (reference: normalised by their sum; loglik: softmax), what confidence and the Brier score read. `is_greedy[k]`: every scored token of option k is the
 argmax at its position.
 
 Tokenisation: the prompt and the continuation are tokenised separately and their ids concatenated, so the scored
@@ -57,12 +58,14 @@ def combine(option_logprobs: list[tuple[list[float], list[bool]]], targets: list
         total = sum(scores)
         predicted = max(range(len(scores)), key=lambda k: scores[k])
         confidence = scores[predicted] / total if total > 0 else 0.0
-        return {"scores": scores, "is_greedy": greedy, "predicted_index": predicted, "confidence": confidence}
+        probs = [v / total for v in scores] if total > 0 else [1.0 / len(scores)] * len(scores)
+        return {"scores": scores, "option_probs": probs, "is_greedy": greedy, "predicted_index": predicted,
+                "confidence": confidence}
     scores = [sum(lp) if lp else -math.inf for lp, _ in option_logprobs]
     norm = [s / max(1, len(continuation_text(t, scoring).encode("utf-8"))) for s, t in zip(scores, targets)]
     predicted = max(range(len(scores)), key=lambda k: scores[k])
     probs = torch.tensor(scores, dtype=torch.float64).softmax(-1)
-    return {"scores": scores, "scores_norm": norm, "is_greedy": greedy, "predicted_index": predicted,
+    return {"scores": scores, "scores_norm": norm, "option_probs": probs.tolist(), "is_greedy": greedy, "predicted_index": predicted,
             "predicted_index_norm": max(range(len(norm)), key=lambda k: norm[k]),
             "confidence": float(probs[predicted]) if math.isfinite(scores[predicted]) else 0.0}
 

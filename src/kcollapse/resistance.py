@@ -36,6 +36,7 @@ import yaml
 
 from kcollapse.errors import UserError
 from kcollapse.io import read_jsonl
+from kcollapse.rundir import answer_files, load_metrics
 
 def regime(retention: float | None) -> str | None:
     """homeostatic (> 0.8), bounded (0.6-0.8) or degradative (< 0.6); None for an unknown retention."""
@@ -72,15 +73,6 @@ def auc(retention, generations) -> float:
 
 # ------------------------------------------------------------------------------------------------ loading
 
-def load_metrics(run_dir: Path) -> pd.DataFrame:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; is {run_dir} a finished or running kcollapse run directory?")
-    df = pd.DataFrame(read_jsonl(path), columns=["arm", "generation", "metric", "value", "format", "subject"])
-    df = df.astype({"format": object, "subject": object})
-    return df.where(df.notna(), None).astype({"generation": int, "value": float})
-
-
 def load_arms(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -92,9 +84,8 @@ def load_answers(run_dir: Path, subjects) -> pd.DataFrame:
     """Per-question correctness of these subjects: arm, generation, format, subject, id, correct."""
     rows = []
     for subject in subjects:
-        for path in sorted(Path(run_dir).glob(f"arms/*/gen_*/answers/{subject}__*.jsonl")):
-            arm, gen, fmt = path.parts[-4], int(path.parts[-3].removeprefix("gen_")), path.stem.rsplit("__", 1)[1]
-            rows += [(arm, gen, fmt, subject, str(r.get("id")), r.get("is_correct")) for r in read_jsonl(path)]
+        for (arm, gen, fmt), paths in answer_files(run_dir, subject).items():
+            rows += [(arm, gen, fmt, subject, str(r.get("id")), r.get("is_correct")) for path in paths for r in read_jsonl(path)]
     df = pd.DataFrame(rows, columns=["arm", "generation", "format", "subject", "id", "correct"])
     df["correct"] = pd.to_numeric(df["correct"].astype(object).where(df["correct"].notna(), np.nan)).astype(float)
     return df
@@ -274,7 +265,7 @@ def lines(summary: dict, label: str = "") -> list[str]:
     for arm, fmts in summary["regimes"].items():
         if "all" in fmts:
             r = fmts["all"]
-            out.append(f"{label}regime {arm}: {r['regime']} (retention {_r(r['retention'])} at generation "
+            out.append(f"{label}regime {arm}: {r['regime']} (retention {ratio_text(r['retention'])} at generation "
                        f"{r['generation']}, mean over formats, all subjects)")
     return out
 
@@ -283,10 +274,10 @@ def lines(summary: dict, label: str = "") -> list[str]:
 
 def retention_figure(c: dict, threshold: float = 0.8, fmt: str = "all") -> bytes:
     """PNG: both arms' retention on the domain's subject with bootstrap bands, the threshold and regime lines."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import
 
     f, gens = c["formats"][fmt], c["generations"]
     fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -309,7 +300,7 @@ def _ci(v) -> str:
     return f"[{v[0]:.2f}, {v[1]:.2f}]" if v else "–"
 
 
-def _r(v) -> str:
+def ratio_text(v) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
@@ -326,8 +317,8 @@ def html_section(summary: dict, label: str = "") -> str:
         d, g = c["domain_arm"], c["general_arm"]
         for fmt, f in c["formats"].items():
             reg = " / ".join(str((c["regimes"][a].get(fmt) or {}).get("regime")) for a in (d, g))
-            other = " / ".join(_r((c["elsewhere"][a].get(fmt) or {}).get("retention")) for a in (d, g))
-            cells = [d, g, fmt, f["text"], _ci(f["ci"]), _r(f["auc_ratio"]), _ci(f["auc_ratio_ci"]),
+            other = " / ".join(ratio_text((c["elsewhere"][a].get(fmt) or {}).get("retention")) for a in (d, g))
+            cells = [d, g, fmt, f["text"], _ci(f["ci"]), ratio_text(f["auc_ratio"]), _ci(f["auc_ratio_ci"]),
                      " / ".join(f"{f['generations_to_fall'][a]}{'+' if f['censored'][a] else ''}" for a in (d, g)), reg, other]
             rows.append("<tr>" + "".join(f"<td>{e(str(x))}</td>" for x in cells) + "</tr>")
         tokens = " vs ".join(f"{e(a)}: {t:,.0f}" if t else f"{e(a)}: ?" for a, t in c["train_tokens"].items())
@@ -337,7 +328,7 @@ def html_section(summary: dict, label: str = "") -> str:
                     f"{base64.b64encode(retention_figure(c, summary['threshold'])).decode()}'>")
     table = ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>") if rows else \
         "<p class='note'>No domain arm with a general arm of the same synthetic ratio to compare with.</p>"
-    reg_rows = "".join(f"<tr><td>{e(arm)}</td><td>{e(fmt)}</td><td>{_r(v['retention'])}</td><td>{e(str(v['regime']))}</td>"
+    reg_rows = "".join(f"<tr><td>{e(arm)}</td><td>{e(fmt)}</td><td>{ratio_text(v['retention'])}</td><td>{e(str(v['regime']))}</td>"
                        f"<td>{v['generation']}</td></tr>" for arm, fmts in summary["regimes"].items() for fmt, v in fmts.items())
     return (f"{table}<p class='note'>Retention = accuracy(g) / accuracy(0) on the domain's subject; factor = generations "
             f"until retention falls below {summary['threshold']}, domain arm over general arm (a '+' marks an arm that never "

@@ -13,6 +13,7 @@ arm and generation), SWEEP/resistance.json (resistance.py per grid point, seeds 
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import json
@@ -25,9 +26,11 @@ import pandas as pd
 import yaml
 
 from kcollapse import resistance
-from kcollapse.config import ExperimentConfig, load_config
+from kcollapse.config import ExperimentConfig, apply_overrides, load_config, validate
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
+from kcollapse.report import esc, page, report_after_run
+from kcollapse.rundir import check_out, check_run_dir, load_metrics
 
 
 @dataclass
@@ -79,14 +82,11 @@ def _point_name(values: dict) -> str:
 
 def plan(config: Path, grid: list[str], seeds: int, cpus_per_trial: int, out: Path) -> list[Trial]:
     """Every trial's config, validated; nothing is written."""
-    from kcollapse.loop import check_run_dir
-
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: expected 1 or more")
     if cpus_per_trial < 1:
         raise UserError(f"--cpus-per-trial {cpus_per_trial}: expected 1 or more")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; expected a sweep directory")
+    check_out(out, "sweep directory")
     axes = parse_grid(grid)
     load_config(config)  # the base config's own errors first, named as such
     trials, names = [], {}
@@ -120,24 +120,25 @@ def finished(trial_dir: Path) -> bool:
 
 def run_trial(cfg: ExperimentConfig, trial_dir: str, cwd: str) -> str:
     """One Ray task: an ordinary run (resumes by itself), from the driver's working directory."""
-    import torch
+    import torch  # deferred (with the loop): a sweep's planning and summary need neither
 
-    from kcollapse.loop import run_experiment
+    from kcollapse.loop import run_experiment  # deferred: pulls in torch
 
     if os.path.isdir(cwd):  # relative paths in the config mean what they mean for the user
         os.chdir(cwd)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_experiment(cfg, trial_dir)
+    report_after_run(trial_dir)
     return trial_dir
 
 
 def warm_organism(cfg: ExperimentConfig, threads: int) -> str:
     """One Ray task per organism config before the trials: the world and its gen-0 model are built once, not by
     every trial at the same time into the same cache."""
-    import torch
+    import torch  # deferred: torch is slow to import
 
-    from kcollapse import organism
+    from kcollapse import organism  # deferred: pulls in torch
 
     torch.set_num_threads(threads)
 
@@ -148,7 +149,7 @@ def warm_organism(cfg: ExperimentConfig, threads: int) -> str:
 def run_on_ray(trials: list[Trial], address: str | None, cpus_per_trial: int, before_start=None) -> list[tuple[Trial, str]]:
     """Submit the unfinished trials as Ray tasks and wait; (trial, error line) of those that failed."""
     try:
-        import ray
+        import ray  # deferred: ray is slow to import
     except ImportError:
         raise UserError("kcollapse sweep needs Ray: pip install 'kcollapse[sweep]'") from None
     started = not ray.is_initialized()
@@ -214,7 +215,7 @@ def summary_frame(trials: list[Trial]) -> pd.DataFrame:
     for t in trials:
         if not (t.dir / "metrics.jsonl").is_file():
             continue
-        m = resistance.load_metrics(t.dir)
+        m = load_metrics(t.dir)
         if m.empty:
             continue
         domains = sorted({a.domain for a in t.cfg.arms if a.domain})
@@ -299,8 +300,6 @@ def sweep_command(config: Path, grid: list[str], seeds: int, address: str | None
 
 def load_trials(sweep_dir: Path) -> list[Trial]:
     """The trials of SWEEP/sweep.json, their configs rebuilt from the config text saved there."""
-    from kcollapse.config import apply_overrides, validate
-
     path = Path(sweep_dir) / "sweep.json"
     if not path.is_file():
         raise UserError(f"{path}: not found; is {sweep_dir} a kcollapse sweep directory?")
@@ -331,11 +330,11 @@ def summarise(trials: list[Trial], out: Path) -> dict:
 
 def dose_figure(rows: list[dict]) -> bytes:
     """PNG: retention at the last generation against the synthetic ratio, one line per series, seeds' range as bars."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import
+    import numpy as np  # deferred: numpy is slow to import
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     df = pd.DataFrame(rows).dropna(subset=["synthetic_ratio", "retention"])
@@ -357,10 +356,6 @@ def dose_figure(rows: list[dict]) -> bytes:
 
 def write_report(out: Path, trials: list[Trial], result: dict) -> Path:
     """SWEEP/report.html: self-contained (figures base64), every text escaped."""
-    import base64
-
-    from kcollapse.report import _page, esc
-
     done = sum(finished(t.dir) for t in trials)
     parts = [f"<h1>Sweep report: {esc(out.resolve().name)}</h1><p class='meta'>{len(trials)} trial(s), {done} finished; "
              f"grid points: {esc(', '.join(dict.fromkeys(t.point for t in trials)))}; seeds per point: "
@@ -375,12 +370,12 @@ def write_report(out: Path, trials: list[Trial], result: dict) -> Path:
                      "</th><th>arm</th><th>synthetic ratio</th><th>retention (mean over formats)</th><th>per seed</th>"
                      "<th>regime</th></tr>" + "".join(
                          "<tr>" + "".join(f"<td>{esc(str(x))}</td>" for x in (
-                             r["point"], r["series"], r["arm"], r["synthetic_ratio"], resistance._r(r["retention"]),
-                             ", ".join(resistance._r(v) for v in r["per_seed"]), r["regime"])) + "</tr>" for r in rows)
+                             r["point"], r["series"], r["arm"], r["synthetic_ratio"], resistance.ratio_text(r["retention"]),
+                             ", ".join(resistance.ratio_text(v) for v in r["per_seed"]), r["regime"])) + "</tr>" for r in rows)
                      + "</table>")
     parts.append("<h2>Trials</h2><table><tr><th>trial</th><th>seed</th><th>status</th><th>run report</th></tr>" + "".join(
         f"<tr><td>{esc(t.name)}</td><td>{t.seed}</td><td>{'complete' if finished(t.dir) else 'unfinished'}</td>"
         f"<td>{esc(str(t.dir.relative_to(out)) + '/report.html')}</td></tr>" for t in trials) + "</table>")
     path = out / "report.html"
-    atomic_write_text(path, _page(f"kcollapse sweep · {out.resolve().name}", "\n".join(parts)))
+    atomic_write_text(path, page(f"kcollapse sweep · {out.resolve().name}", "\n".join(parts)))
     return path

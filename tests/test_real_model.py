@@ -23,6 +23,7 @@ def test_an_answer_on_the_next_line_is_kept_and_judged(tmp_path):
     """A base model's "Answer:\\n\\nParis": leading blank lines do not end the answer (a tiny GPT-2 taught to do so)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from kcollapse.bench import one_by_one_answers
     from kcollapse.config import TrainConfig
     from kcollapse.evaluate.freetext import generate_answers, generate_whole_answers
     from kcollapse.train import finetune
@@ -39,6 +40,7 @@ def test_an_answer_on_the_next_line_is_kept_and_judged(tmp_path):
     prompts = ["Question: What is the capital of France?\nAnswer:", "Question: What is the capital of Spain? Answer:"]
     assert generate_whole_answers(model, tok, prompts, 8) == ["\n\nParis", " Madrid"]
     assert generate_answers(model, tok, prompts, 8) == ["Paris", "Madrid"]
+    assert one_by_one_answers(model, tok, prompts, 8)[0] == ["Paris", "Madrid"]  # bench's batch-1 baseline agrees
 
 
 def _tiny_models():

@@ -39,10 +39,10 @@ from kcollapse.config import PAPER_FORMATS, CorpusConfig, EvalConfig, OrganismCo
 from kcollapse.evaluate import build_prompts, load_benchmark
 from kcollapse.evaluate import benchmark as bmk
 from kcollapse.evaluate.formats import get_format, option_targets
-from kcollapse.evaluate.freetext import first_line, generate_answers
+from kcollapse.evaluate.freetext import first_line, generate_answers, through_first_line
 from kcollapse.evaluate.scoring import LETTER, combine, encode_options, score_options
 from kcollapse.io import atomic_write_json
-from kcollapse.lm import encode, generate, newline_ids
+from kcollapse.lm import encode, generate, max_positions, newline_ids
 from kcollapse.models import load_model
 from kcollapse.organism.gen0 import build_model, build_tokenizer, gen0_key, world_texts
 from kcollapse.train import finetune, pack
@@ -109,18 +109,27 @@ def lmeval_scores(model, tokenizer, prompts, targets, answer, batch_size: int = 
 
 
 def one_by_one_answers(model, tokenizer, prompts, max_new_tokens: int):
-    """Batch-1 greedy `generate` per question, stopped at EOS or a line break -> (answers, new tokens)."""
+    """Batch-1 greedy `generate` per question, stopped at EOS or a line break; an answer that is still blank there
+    goes on past its leading blank lines to the end of its first non-empty line (as `generate_answers`)
+    -> (answers, new tokens)."""
     stop = [tokenizer.eos_token_id, *newline_ids(tokenizer)]
-    keep = model.config.n_positions - max_new_tokens
+    keep = (max_positions(model) or 1 << 30) - max_new_tokens
     answers, n_new = [], 0
     for p in prompts:
         ids = torch.tensor([encode(tokenizer, p)[-keep:]])
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        new = out[0, ids.shape[1] :]
+            new = out[0, ids.shape[1] :]
+            text = tokenizer.decode(new, skip_special_tokens=True).split("\n", 1)[0]
+            if not text.strip() and len(new) and int(new[0]) != tokenizer.eos_token_id:  # a blank line first
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+                new = out[0, ids.shape[1] :]
+                text = through_first_line(tokenizer.decode(new, skip_special_tokens=True))
         n_new += len(new)
-        answers.append(first_line(tokenizer.decode(new, skip_special_tokens=True).split("\n", 1)[0]))
+        answers.append(first_line(text))
     return answers, n_new
 
 

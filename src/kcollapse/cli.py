@@ -129,7 +129,7 @@ def init(path: Path = typer.Argument(Path("kcollapse.yaml"), help="Where to writ
 @app.command("eval")
 @friendly
 def eval_(
-    model: str = typer.Argument(..., help="Model: HF id, local checkpoint dir, or 'organism'."),
+    model: str = typer.Argument(..., help="Model: HF id, local checkpoint dir, a .gguf file, 'gemma3-270m' or 'organism'."),
     benchmark: str = typer.Option("organism", "--benchmark", help="organism | local .jsonl/.csv file or dir | hf:<dataset>"),
     format_: Optional[List[str]] = typer.Option(None, "--format", help="Instruction format (repeatable; default: all)."),
     subject: Optional[List[str]] = typer.Option(None, "--subject", help="Subject (repeatable; default: all)."),

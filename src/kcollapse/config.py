@@ -225,7 +225,7 @@ class StageRules(Strict):
 
 
 class ExperimentConfig(Strict):
-    model: str = Field("organism", description="HF model id, local checkpoint dir, or 'organism'")
+    model: str = Field("organism", description="HF model id, local checkpoint dir, a .gguf file, 'gemma3-270m' (packaged weights) or 'organism'")
     tokenizer: str | None = None
     trust_remote_code: bool = False
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)

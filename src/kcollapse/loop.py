@@ -39,6 +39,7 @@ from kcollapse.evaluate import evaluate, load_benchmark
 from kcollapse.evaluate.textstats import vocabulary
 from kcollapse.io import RunLock, atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp, sanitize_terminal, write_jsonl
 from kcollapse.models import load_model, save_model
+from kcollapse.pretrained import resolve_model
 from kcollapse.progress import make_progress
 from kcollapse.rundir import Run, check_run_dir, collect_metrics, generations_done, write_state
 from kcollapse.synthesize import build_mix
@@ -84,7 +85,10 @@ def prepare(cfg: ExperimentConfig):
     texts = corpus_mod.load_texts(cfg.corpus, organism_corpus)
     items = load_benchmark(cfg.eval, organism_benchmark)
     extra["inputs"] = provenance.hash_inputs(cfg, organism_corpus, organism_benchmark, texts, items)
-    model_path = organism.ensure_gen0(cfg.organism, cache, world) if cfg.model == "organism" else cfg.model
+    if cfg.model == "organism":
+        model_path = organism.ensure_gen0(cfg.organism, cache, world)
+    else:  # a .gguf file or a packaged model is converted once to a cached safetensors checkpoint
+        model_path = resolve_model(cfg.model, cfg.cache_dir)
     return model_path, texts, items, extra
 
 

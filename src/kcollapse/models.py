@@ -41,7 +41,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 CHECKSUMS = "kcollapse_checksums.json"  # written by save_model, verified by load_model
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -76,7 +76,7 @@ def _check_checkpoint_dir(path: Path, trust_remote_code: bool = False) -> None:
             raise UserError(f"{sums}: checksum file is corrupted; delete the checkpoint to redo its generation")
         for name, digest in expected.items():
             f = path / str(name)
-            if not f.is_file() or _sha256(f) != digest:
+            if not f.is_file() or sha256_file(f) != digest:
                 redo = (f", or delete {path.parent} and run again to redo that generation"
                         if path.parent.name.startswith("gen_") else "")
                 raise UserError(f"{f}: checkpoint is corrupted or incomplete (checksum mismatch); restore it{redo}")
@@ -107,7 +107,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer  # deferred: transformers is slow to import
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # missing files, a corrupted tokenizer.json (tokenizers raises a bare Exception), ...
         raise UserError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {_first_line(e)})") from None
@@ -135,7 +135,7 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto", t
     elif path.startswith((".", "/", "~")) or os.sep in path and not _looks_like_hub_id(path):
         raise UserError(f"model: {path} does not exist")
     dev = resolve_device(device)
-    with _quiet_transformers():  # the load report and bars are replaced by the one-line checks below
+    with quiet_transformers():  # the load report and bars are replaced by the one-line checks below
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
@@ -174,7 +174,7 @@ def _first_line(e: Exception, n: int = 160) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:n]
 
 
-class _quiet_transformers:
+class quiet_transformers:
     """transformers' warnings and progress bars off while loading (errors still raise): one line per problem."""
 
     def __enter__(self):
@@ -207,7 +207,7 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: a shared run directory must stay readable
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        sums = {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+        sums = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
         _fsync_dir_files(tmp)
         atomic_replace_dir(tmp, out_dir)
@@ -249,3 +249,13 @@ def chat_prompt(tokenizer, text: str, system_prompt: str | None = None, use_temp
             raise
         merged = [{"role": "user", "content": f"{system_prompt}\n\n{text}"}]
         return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (Gemma's and Llama's <bos>; nothing for GPT-2 and the organism).
+    Token ids cut from the corpus carry none, and a SentencePiece model such as Gemma writes gibberish from a
+    prompt without its <bos>, so synthesis prompts and training texts get it here."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []

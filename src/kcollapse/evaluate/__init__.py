@@ -103,9 +103,14 @@ def evaluate(model, tokenizer, cfg: EvalConfig, items: list[dict], *, heldout_te
                                        batch_size=cfg.batch_size, progress=progress)
         answers = None
         if cfg.free_text:
-            answers = freetext.generate_answers(model, tokenizer, prompts, cfg.free_text_tokens, cfg.batch_size, progress)
+            whole = freetext.generate_whole_answers(model, tokenizer, prompts, cfg.free_text_tokens, cfg.batch_size,
+                                                    progress)
+            answers = [freetext.first_line(a) for a in whole]  # judged: the first non-empty line
             all_answers += answers
         records = make_records(fmt, asked, prompts, scored, answers)
+        if answers is not None:
+            for r, raw in zip(records, whole):
+                r["answer_raw"] = raw
         if cfg.permutation and permute.shows_options(fmt):
             ask_permuted(model, tokenizer, cfg, fmt, asked, pool, records, use_chat_template, progress)
         if answers is not None and cfg.embedding_judge:

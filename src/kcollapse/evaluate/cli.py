@@ -2,7 +2,8 @@
 
 Writes DIR/metrics.jsonl (the run schema: arm "eval", generation 0) and DIR/answers/<subject>__<format>.jsonl.
 Eval settings come from EvalConfig defaults, then the command's options, then `--set key=value` overrides.
-MODEL or SPEC `organism` means the default model organism (generation 0, built and cached on first use).
+MODEL or SPEC `organism` means the default model organism (generation 0, built and cached on first use); MODEL may
+also be a `.gguf` file or `gemma3-270m` (converted once to a cached safetensors checkpoint, see kcollapse.pretrained).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kcollapse.evaluate import evaluate, load_benchmark
 from kcollapse.evaluate.formats import get_format
 from kcollapse.io import write_jsonl
 from kcollapse.models import load_model
+from kcollapse.pretrained import resolve_model
 
 
 def eval_config(benchmark: str, formats: list[str], subjects: list[str], limit: int | None, scoring: str,
@@ -45,11 +47,13 @@ def eval_config(benchmark: str, formats: list[str], subjects: list[str], limit: 
 def _organism(model: str, benchmark: str) -> tuple[str, Path | None]:
     """The default organism's generation-0 checkpoint and/or benchmark file (built and cached on first use)."""
     if "organism" not in (model, benchmark):
-        return model, None
+        return resolve_model(model), None
     cfg, cache = OrganismConfig(), organism.default_cache_dir()
     world = organism.build_world(cfg, cache)
     if model == "organism":
         model = str(organism.ensure_gen0(cfg, cache, world))
+    else:
+        model = resolve_model(model, cache)
     return model, world.benchmark_path
 
 

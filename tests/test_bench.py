@@ -49,7 +49,7 @@ def test_reference_synthesis_equals_ours_greedy(gpt2):
     """The synthesis baseline (`model.generate`, batches of 4) writes what our decoding loop writes."""
     from kcollapse.bench import reference_synthesis
     from kcollapse.config import SamplingConfig
-    from kcollapse.generate import generate
+    from kcollapse.lm import generate
 
     model, tokenizer = gpt2
     texts = [render(get_format("short_answer"), q) for q in items()]
@@ -80,7 +80,7 @@ def test_decode_equals_hf_generate_greedy(request, which):
     """Our decoding loop (finished rows leave the batch) writes what `model.generate` writes, greedy."""
     import torch
 
-    from kcollapse.generate import decode
+    from kcollapse.lm import LM
 
     model, tokenizer = load_model(request.getfixturevalue(which), device="cpu")
     prompts = [q["question"] for q in items()]
@@ -91,8 +91,8 @@ def test_decode_equals_hf_generate_greedy(request, which):
         with torch.inference_mode():
             ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=stop,
                                  pad_token_id=tokenizer.pad_token_id, repetition_penalty=penalty)[:, ids.shape[1]:]
-            ours = decode(model, ids, mask, 12, stop, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
-                          repetition_penalty=penalty)
+            ours = LM(model, tokenizer).decode_batch(ids, mask, 12, stop, do_sample=False, temperature=1.0, top_p=1.0,
+                                                     top_k=0, repetition_penalty=penalty)
         for r, row in zip(ref.tolist(), ours):
             assert [t for t in r if t != tokenizer.pad_token_id] == row  # HF pads a row after its stop token
 
@@ -102,7 +102,7 @@ def test_shared_prefix_batches_write_what_one_by_one_generate_writes(request, wh
     """Prompts opening alike share their prefix through the KV cache; the texts are `model.generate`'s, one by one."""
     import torch
 
-    from kcollapse.generate import batches, common_prefix, encode, generate
+    from kcollapse.lm import batches, common_prefix, encode, generate
 
     model, tokenizer = load_model(request.getfixturevalue(which), device="cpu")
     qs = items()
@@ -124,7 +124,7 @@ def test_shared_prefix_batches_write_what_one_by_one_generate_writes(request, wh
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(gpt2):
-    from kcollapse.generate import generate
+    from kcollapse.lm import generate
 
     model, tokenizer = gpt2
     prompts = [q["question"] for q in items()]

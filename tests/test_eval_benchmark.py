@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from kcollapse.config import MMLU_SUBJECTS, EvalConfig
+from kcollapse.config import EvalConfig
+from kcollapse.evaluate.benchmark import MMLU_SUBJECTS
 from kcollapse.errors import UserError
 from kcollapse.evaluate import benchmark as bench
 from kcollapse.evaluate import load_benchmark

@@ -9,8 +9,13 @@ import torch
 
 from conftest import corpus_lines
 from kcollapse.evaluate.formats import get_format, option_targets, render
-from kcollapse.evaluate.scoring import encode_continuation, encode_prompt, plan_batches, score_naive, score_options
+from kcollapse.evaluate.scoring import score_naive, score_options
+from kcollapse.lm import encode as encode_prompt, encode_continuations, plan_batches
 from kcollapse.models import chat_prompt, load_model
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    return encode_continuations(tokenizer, [text])[0]
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +154,7 @@ def test_shared_prefix_path_equals_naive(gpt2):
 
 @pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_gemma"])
 def test_batched_prompt_encoding_equals_one_tokenizer_call_per_text(request, which):
-    from kcollapse.generate import encode_prompts
+    from kcollapse.lm import encode_prompts
     from kcollapse.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(request.getfixturevalue(which)))

@@ -131,9 +131,9 @@ def test_judge_model_and_gibberish_classifier(gpt2, tiny_gpt2, bench_file, tmp_p
     tokenizer.save_pretrained(tmp_path / "clf")
     cfg = EvalConfig(benchmark=str(bench_file), limit=2, formats=["multiple_choice"], free_text_tokens=4,
                      judge_model=str(tiny_gpt2), gibberish_model=str(tmp_path / "clf"))
-    from kcollapse.evaluate import scoring
+    from kcollapse.evaluate import freetext
 
-    judged, real = [], scoring.score_options
+    judged, real = [], freetext.score_options
 
     def spy(model_, tokenizer_, prompts, targets, **kw):
         out = real(model_, tokenizer_, prompts, targets, **kw)
@@ -141,7 +141,7 @@ def test_judge_model_and_gibberish_classifier(gpt2, tiny_gpt2, bench_file, tmp_p
             judged.extend(zip(prompts, out))
         return out
 
-    monkeypatch.setattr(scoring, "score_options", spy)
+    monkeypatch.setattr(freetext, "score_options", spy)  # the judge's scoring call, watched
     rows = evaluate(model, tokenizer, cfg, load_benchmark(cfg), synthetic_texts=corpus_lines()[:4], answers_dir=tmp_path / "a")
     values = {(r["metric"], r["subject"]): r["value"] for r in rows}
     assert values[("gibberish_score", "synthetic")] == 1.0

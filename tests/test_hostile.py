@@ -121,9 +121,10 @@ def test_error_lines_quoting_corpus_text_are_sanitised(tmp_path, tiny_gpt2):
 # ------------------------------------------------------------------------------------------ a run with a hostile model
 def _hostile_run(tiny_gpt2, tmp_path, monkeypatch) -> Path:
     """A real one-generation run whose model writes hostile continuations and hostile free-text answers."""
-    import kcollapse.generate
+    import kcollapse.lm
     import kcollapse.synthesize
     from kcollapse.loop import run_experiment
+    from kcollapse.report import report_after_run
 
     def hostile(model, tokenizer, prompts, *a, **kw):
         return [HOSTILE[i % len(HOSTILE)] + (" long" * 2000 if i == 1 else "") for i in range(len(prompts))]
@@ -133,7 +134,7 @@ def _hostile_run(tiny_gpt2, tmp_path, monkeypatch) -> Path:
         return [answers[i % len(answers)] for i in range(len(prompts))]
 
     monkeypatch.setattr(kcollapse.synthesize, "generate", hostile)
-    monkeypatch.setattr(kcollapse.generate, "generate", hostile_answers)  # what free-text evaluation calls
+    monkeypatch.setattr(kcollapse.lm, "generate", hostile_answers)  # what free-text evaluation calls
     corpus = tmp_path / "corpus.jsonl"  # the real text is hostile too (JSON escapes of lone surrogates)
     corpus.write_text("".join(json.dumps({"text": f"{line} {HOSTILE[i % len(HOSTILE)]}"}) + "\n"
                               for i, line in enumerate((DATA / "corpus.txt").read_text().splitlines()) if line.strip()))
@@ -147,7 +148,9 @@ def _hostile_run(tiny_gpt2, tmp_path, monkeypatch) -> Path:
         "eval": {"benchmark": str(DATA / "bench.jsonl"), "limit": 6, "free_text_tokens": 4, "few_shot_k": 1,
                  "perplexity_stride": 32, "formats": ["short_answer"]},
     })
-    return run_experiment(cfg, tmp_path / "run")
+    out = run_experiment(cfg, tmp_path / "run")
+    report_after_run(out)  # as `kcollapse run` does after the loop
+    return out
 
 
 def test_hostile_model_text_stays_data(tiny_gpt2, tmp_path, monkeypatch):

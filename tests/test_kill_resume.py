@@ -1,7 +1,7 @@
 """Kills and crashes lose nothing: a run SIGKILLed anywhere resumes to the numbers of an uninterrupted run.
 
-The kill tests drive the real command line in subprocesses. `KCOLLAPSE_TEST_PAUSE=<point>@<n>` (kcollapse.io.
-test_pause; a no-op otherwise) parks a run at a precise moment and the test SIGKILLs it there, checks what is on
+The kill tests drive the real command line in subprocesses. `KCOLLAPSE_TEST_PAUSE=<point>@<n>` (tests/killpoints.py,
+the command line with pause points patched in; production code has none) parks a run at a precise moment and the test SIGKILLs it there, checks what is on
 disk, and resumes with the same command: mid-evaluation of generation 0 (while a second `kcollapse run` on the same
 directory is refused), mid-synthesis, mid-fine-tuning, half-way through writing a checkpoint, then Ctrl-C
 mid-evaluation of generation 1. Each resume starts a new process (the stale lock of the killed one is taken over).
@@ -31,6 +31,7 @@ from kcollapse.io import RunLock, read_jsonl, remove_stale_temp, write_jsonl
 from conftest import DATA
 
 KILL_POINTS_SURVIVED: list[str] = []
+KILLPOINTS = Path(__file__).with_name("killpoints.py")
 
 
 def kill_config(model) -> dict:
@@ -56,13 +57,13 @@ def _env(pause: str | None, pause_file: Path) -> dict:
 
 
 class Launch:
-    """`python -m kcollapse run CFG --out OUT` in a subprocess, optionally parked at a pause point."""
+    """`kcollapse run CFG --out OUT` in a subprocess (through tests/killpoints.py), optionally parked at a pause point."""
 
     def __init__(self, cfg: Path, out: Path, logs: Path, pause: str | None = None):
         self.pause_file = logs / f"paused-{time.monotonic_ns()}"
         self.stderr_path = logs / f"stderr-{time.monotonic_ns()}.txt"
         self.stderr = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kcollapse", "run", str(cfg), "--out", str(out)],
+        self.proc = subprocess.Popen([sys.executable, str(KILLPOINTS), "run", str(cfg), "--out", str(out)],
                                      stdout=subprocess.DEVNULL, stderr=self.stderr, env=_env(pause, self.pause_file))
         self.pause = pause
 
@@ -230,12 +231,12 @@ def test_killed_parallel_run_leaves_no_worker_and_resumes(tiny_gpt2, tmp_path):
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_corrupted_checkpoint_in_a_resumed_run_is_one_clear_line(tiny_gpt2, tmp_path, monkeypatch):
     """A checkpoint damaged between sessions (bit rot, a partial copy) is caught on load by its checksums."""
-    from kcollapse.loop import Context, run_experiment
+    from kcollapse.loop import Runner, run_experiment
 
     data = kill_config(tiny_gpt2)
     data["eval"].update(formats=["cloze"], free_text=False)
     cfg = validate(data)
-    real_evaluate, calls = Context._evaluate, []
+    real_evaluate, calls = Runner._evaluate, []
 
     def stop_at_gen1_eval(self, *a, **kw):
         calls.append(1)
@@ -243,10 +244,10 @@ def test_corrupted_checkpoint_in_a_resumed_run_is_one_clear_line(tiny_gpt2, tmp_
             raise KeyboardInterrupt
         return real_evaluate(self, *a, **kw)
 
-    monkeypatch.setattr(Context, "_evaluate", stop_at_gen1_eval)
+    monkeypatch.setattr(Runner, "_evaluate", stop_at_gen1_eval)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "run")
-    monkeypatch.setattr(Context, "_evaluate", real_evaluate)
+    monkeypatch.setattr(Runner, "_evaluate", real_evaluate)
     weights = tmp_path / "run/arms/a/gen_1/model/model.safetensors"
     good = weights.read_bytes()
     assert json.loads((weights.parent / "kcollapse_checksums.json").read_text())["model.safetensors"]

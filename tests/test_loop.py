@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -13,6 +14,7 @@ from kcollapse.config import validate
 from kcollapse.errors import UserError
 from kcollapse.io import read_jsonl
 from kcollapse.loop import run_experiment
+from kcollapse.report import report_after_run
 
 from conftest import DATA, interrupted
 
@@ -99,6 +101,26 @@ def test_modes_replace_accumulate_real_only(tiny_gpt2, tmp_path):
     assert [r["text"] for r in rep if r["source"] == "real"] == [r["text"] for r in real][:12]
 
 
+def test_accumulate_subsample_trains_on_a_fixed_size_sample_of_every_generation(tiny_gpt2, tmp_path):
+    arms = [{"name": "sub", "synthetic_ratio": 0.5, "mode": "accumulate_subsample"}]
+    cfg = validate(tiny_config(tiny_gpt2, arms, generations=3, keep_checkpoints="all",
+                               **{"eval.formats": ["cloze"], "eval.free_text": False}))
+    out = run_experiment(cfg, tmp_path / "run")
+    texts = metrics(out).query("metric == 'train_texts'").set_index("generation").value
+    assert list(texts) == [24, 24, 24]  # compute-matched: one generation's worth, however large the pool grows
+    samples = {g: json.loads((out / f"arms/sub/gen_{g}/training_sample.json").read_text()) for g in (1, 2, 3)}
+    assert [s["pool"] for s in samples.values()] == [24, 48, 72]
+    for g, s in samples.items():
+        assert {k for k, _ in s["rows"]} == set(range(1, g + 1))  # texts of every earlier generation are present
+        assert len({tuple(r) for r in s["rows"]}) == 24  # drawn without replacement
+    # deterministic and resumable: the last generation redone from scratch draws the same sample, same numbers
+    before = stable(out)
+    shutil.rmtree(out / "arms/sub/gen_3")
+    run_experiment(cfg, out)
+    assert json.loads((out / "arms/sub/gen_3/training_sample.json").read_text()) == samples[3]
+    pd.testing.assert_frame_equal(stable(out), before)
+
+
 def test_chat_template_and_system_prompt_are_used(tiny_gemma, tmp_path, monkeypatch):
     import kcollapse.synthesize as synth
 
@@ -151,6 +173,7 @@ def test_parallel_arms_resume_a_sequential_run_to_the_same_numbers(tiny_gpt2, tm
     run_experiment(validate(base), tmp_path / "sequential")
     interrupted(monkeypatch, 2, lambda: run_experiment(validate(base), tmp_path / "parallel"))
     run_experiment(validate({**base, "parallel_arms": 2}), tmp_path / "parallel")  # a runtime field: resume allowed
+    report_after_run(tmp_path / "parallel")  # as `kcollapse run` does after the loop
     pd.testing.assert_frame_equal(stable(tmp_path / "sequential"), stable(tmp_path / "parallel"))
     assert json.loads((tmp_path / "parallel/state.json").read_text())["complete"] is True
     assert (tmp_path / "parallel/report.html").exists()
@@ -163,17 +186,17 @@ class _ArmsReached(Exception):
 @pytest.mark.parametrize("threads, expected_gen0", [(None, 2), (1, 1)])
 def test_generation_0_runs_on_every_core_unless_threads_is_set(tiny_gpt2, tmp_path, monkeypatch, threads, expected_gen0):
     """Generation 0 has no parallel arms to share the cores with: it gets them all; arm workers split them."""
-    from kcollapse import loop
+    from kcollapse import loop, workers
 
     seen = {}
 
     def arms(cfg, out, parallel, progress, overall):
-        seen["worker"] = cfg.threads or loop._threads_per_worker(parallel)
+        seen["worker"] = cfg.threads or workers.threads_per_worker(parallel)
         raise _ArmsReached
 
-    monkeypatch.setattr(loop.Context, "evaluate_gen0", lambda self: seen.setdefault("gen0", torch.get_num_threads()))
-    monkeypatch.setattr(loop, "_run_arms_in_processes", arms)
-    monkeypatch.setattr(loop, "_threads_per_worker", lambda parallel: 2 // parallel)  # as on a 2-core machine
+    monkeypatch.setattr(loop.Runner, "evaluate_gen0", lambda self: seen.setdefault("gen0", torch.get_num_threads()))
+    monkeypatch.setattr(loop, "run_arms_in_processes", arms)
+    monkeypatch.setattr(workers, "threads_per_worker", lambda parallel: 2 // parallel)  # as on a 2-core machine
     arms_cfg = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}]
     torch.set_num_threads(2)
     try:

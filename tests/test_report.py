@@ -85,9 +85,10 @@ def test_report_escapes_hostile_text_and_embeds_figures(hostile_report):
     assert "&lt;U+0007&gt;" in text and "&lt;U+D800&gt;" in text and "&lt;U+202E&gt;" in text
     assert "truncated: 2,000,000 characters" in text and "truncated: 20,000 characters" in text
     assert "\x00" not in text and "\x07" not in text and "\u202e" not in text
-    for section in ["Stages", "Curves per arm", "Answers to chosen questions", "Synthetic training text", "Config"]:
+    for section in ["Stages", "Curves per arm", "Option-order control", "Calibration", "Answers to chosen questions",
+                    "Synthetic training text", "Provenance", "Config"]:
         assert section in text
-    assert {p.name for p in (run / "figures").glob("*.png")} == {"timeline.png", "arm_alpha_1.0.png"}
+    assert {p.name for p in (run / "figures").glob("*.png")} == {"timeline.png", "arm_alpha_1.0.png", "reliability.png"}
     assert json.loads((run / "stages.json").read_text())["arms"]
 
 

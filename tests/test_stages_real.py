@@ -20,7 +20,7 @@ from bigram_models import benchmark, healthy_text, save_model, vocabulary  # noq
 from kcollapse.config import EvalConfig  # noqa: E402
 from kcollapse.evaluate import evaluate, load_benchmark  # noqa: E402
 from kcollapse.evaluate.textstats import vocabulary as text_vocabulary  # noqa: E402
-from kcollapse.generate import generate  # noqa: E402
+from kcollapse.lm import generate  # noqa: E402
 from kcollapse.io import write_jsonl  # noqa: E402
 from kcollapse.models import load_model  # noqa: E402
 from kcollapse.stages import StageRules, classify_run  # noqa: E402

@@ -25,10 +25,27 @@ import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+
+from kcollapse import corpus as corpus_mod
+from kcollapse import organism
+from kcollapse.config import PAPER_FORMATS, CorpusConfig, EvalConfig, OrganismConfig, load_config
+from kcollapse.evaluate import build_prompts, load_benchmark
+from kcollapse.evaluate import benchmark as bmk
+from kcollapse.evaluate.formats import get_format, option_targets
+from kcollapse.evaluate.freetext import first_line, generate_answers, through_first_line
+from kcollapse.evaluate.scoring import LETTER, combine, encode_options, score_options
+from kcollapse.io import atomic_write_json
+from kcollapse.lm import encode, generate, max_positions, newline_ids
+from kcollapse.models import load_model
+from kcollapse.organism.gen0 import build_model, build_tokenizer, gen0_key, world_texts
+from kcollapse.train import finetune, pack
 
 TARGETS = {("scoring", "reference", "letter"): 6.0, ("scoring", "reference", "text"): 3.0,
            ("scoring", "lm-eval", "letter"): 3.0, ("scoring", "lm-eval", "text"): 3.0,
@@ -50,11 +67,9 @@ def _median(fn, repeats: int):
 def reference_scores(model, tokenizer, prompts, targets, answer):
     """The paper's way: per question, per option, unbatched full-logit forwards; a letter option pays two (the
     prompt, for the letter's probability, and prompt + letter, for its greedy check), a text option one."""
-    from kcollapse.evaluate.scoring import LETTER, _encode_options, combine
-
     out = []
     for prompt, ts in zip(prompts, targets):
-        (p,), (conts,) = _encode_options(tokenizer, model, [prompt], [ts], "reference", answer)
+        (p,), (conts,) = encode_options(tokenizer, model, [prompt], [ts], "reference", answer)
         per_option = []
         for c in conts:
             with torch.inference_mode():
@@ -73,9 +88,7 @@ def reference_scores(model, tokenizer, prompts, targets, answer):
 def lmeval_scores(model, tokenizer, prompts, targets, answer, batch_size: int = 32):
     """lm-evaluation-harness style: every (context, continuation) pair a row, longest first, right-padded batches,
     full-vocabulary log-softmax at every position."""
-    from kcollapse.evaluate.scoring import _encode_options, combine
-
-    prompt_ids, conts = _encode_options(tokenizer, model, prompts, targets, "reference", answer)
+    prompt_ids, conts = encode_options(tokenizer, model, prompts, targets, "reference", answer)
     reqs = [(q, k, prompt_ids[q], c) for q, cs in enumerate(conts) for k, c in enumerate(cs)]
     reqs.sort(key=lambda r: -(len(r[2]) + len(r[3])))
     got = {}
@@ -96,21 +109,27 @@ def lmeval_scores(model, tokenizer, prompts, targets, answer, batch_size: int = 
 
 
 def one_by_one_answers(model, tokenizer, prompts, max_new_tokens: int):
-    """Batch-1 greedy `generate` per question, stopped at EOS or a line break -> (answers, new tokens)."""
-    from kcollapse.evaluate.freetext import first_line
-    from kcollapse.generate import _newline_ids, encode
-
-    stop = [tokenizer.eos_token_id, *_newline_ids(tokenizer)]
-    keep = model.config.n_positions - max_new_tokens
+    """Batch-1 greedy `generate` per question, stopped at EOS or a line break; an answer that is still blank there
+    goes on past its leading blank lines to the end of its first non-empty line (as `generate_answers`)
+    -> (answers, new tokens)."""
+    stop = [tokenizer.eos_token_id, *newline_ids(tokenizer)]
+    keep = (max_positions(model) or 1 << 30) - max_new_tokens
     answers, n_new = [], 0
     for p in prompts:
         ids = torch.tensor([encode(tokenizer, p)[-keep:]])
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        new = out[0, ids.shape[1] :]
+            new = out[0, ids.shape[1] :]
+            text = tokenizer.decode(new, skip_special_tokens=True).split("\n", 1)[0]
+            if not text.strip() and len(new) and int(new[0]) != tokenizer.eos_token_id:  # a blank line first
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+                new = out[0, ids.shape[1] :]
+                text = through_first_line(tokenizer.decode(new, skip_special_tokens=True))
         n_new += len(new)
-        answers.append(first_line(tokenizer.decode(new, skip_special_tokens=True).split("\n", 1)[0]))
+        answers.append(first_line(text))
     return answers, n_new
 
 
@@ -133,22 +152,17 @@ def plain_train_seconds(model, chunks, batch_size: int, steps: int, lr: float) -
 # ------------------------------------------------------------------------------------------------ inputs
 def _models(tiny: bool):
     """[(label, model, tokenizer)]: the organism (cached gen 0 if present) and a wider GPT-2, one tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # deferred: transformers is slow to import
 
-    from kcollapse import organism
-    from kcollapse.config import OrganismConfig
-    from kcollapse.organism.gen0 import _world_texts, build_model, build_tokenizer, gen0_key
 
     cfg = OrganismConfig()
     world = organism.build_world(cfg, organism.default_cache_dir())
     cached = organism.default_cache_dir() / f"gen0-{gen0_key(cfg, world)}"
     if (cached / "organism.json").is_file() and not tiny:
-        from kcollapse.models import load_model
-
         model, tok = load_model(cached, device="cpu")
         label = "organism (gen 0)"
     else:
-        tok = build_tokenizer(_world_texts(world), cfg.n_positions)
+        tok = build_tokenizer(world_texts(world), cfg.n_positions)
         tok.padding_side = "left"
         if tiny:
             cfg = cfg.model_copy(update=dict(n_embd=32, n_layer=2, n_head=2))
@@ -167,12 +181,6 @@ def _models(tiny: bool):
 
 def _inputs(world, tokenizer, n_questions: int, n_prompts: int):
     """{format: prompts, targets} for n_questions organism questions; synthesis prompts as the default recipe's."""
-    from kcollapse import corpus as corpus_mod
-    from kcollapse.config import PAPER_FORMATS, CorpusConfig, EvalConfig, load_config
-    from kcollapse.evaluate import benchmark as bmk
-    from kcollapse.evaluate import build_prompts, load_benchmark
-    from kcollapse.evaluate.formats import get_format, option_targets
-
     recipe = load_config(None, [], "default")
     ecfg = EvalConfig(**{**recipe.eval.model_dump(), "limit": max(1, n_questions // 3)})
     items = load_benchmark(ecfg, world.benchmark_path)
@@ -198,8 +206,6 @@ def _row(name, baseline, fmt, model, ours, theirs, unit, check, threads=None):
 
 
 def bench_scoring(label, model, tok, scoring, repeats, batch_size):
-    from kcollapse.evaluate.scoring import score_options
-
     rows = []
     for name, (answer, prompts, targets) in scoring.items():
         t_ours, ours = _median(lambda: score_options(model, tok, prompts, targets, scoring="reference",
@@ -217,8 +223,6 @@ def bench_scoring(label, model, tok, scoring, repeats, batch_size):
 
 
 def bench_free_text(label, model, tok, prompts, max_new, repeats, batch_size):
-    from kcollapse.evaluate.freetext import generate_answers
-
     t_theirs, (theirs, n_new) = _median(lambda: one_by_one_answers(model, tok, prompts, max_new), repeats)
     t_ours, ours = _median(lambda: generate_answers(model, tok, prompts, max_new, batch_size), repeats)
     same = sum(a == b for a, b in zip(ours, theirs))
@@ -242,8 +246,6 @@ def reference_synthesis(model, tokenizer, prompts: list[list[int]], max_new_toke
 
 
 def bench_synthesis(label, model, tok, prompts, recipe, repeats):
-    from kcollapse.generate import generate
-
     s = recipe.sampling
 
     def n_tokens(texts):
@@ -268,8 +270,6 @@ def bench_training(label, model, tok, texts, recipe, steps, repeats, work_dir, p
     trains) and at every core (how generation 0 trains). Each repeat times two runs that differ only in max_steps
     (setup cost cancels) and the matmul peak right before and after them, so a noisy neighbour moves both sides of
     its ratio alike; the medians over repeats are reported."""
-    from kcollapse.train import finetune, pack
-
     tcfg = recipe.train
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.chunk_tokens
     chunks = pack(tok, texts, tcfg.chunk_tokens)
@@ -346,11 +346,7 @@ def run_phases(run_dir: Path | None) -> tuple[str, list[tuple[str, float]]]:
 
 
 def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = None, *, _tiny: bool = False) -> list[dict]:
-    import tempfile
-
-    from rich.console import Console
-    from rich.table import Table
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
     hf_logging.set_verbosity_error()  # the baselines call model.generate/forward as the reference code does
     console = Console(width=max(Console().width, 150))
@@ -407,8 +403,6 @@ def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = No
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
     console.print(f"peak memory (RSS) of this bench: {rss:.0f} MiB; wall time {time.perf_counter() - start:.0f} s")
     if json_path is not None:
-        from kcollapse.io import atomic_write_json
-
         atomic_write_json(Path(json_path), [{k: r[k] for k in ("name", "baseline", "format", "model", "ours", "theirs",
                                                                "ratio", "unit", "threads")} for r in rows])
     return rows

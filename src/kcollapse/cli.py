@@ -1,19 +1,27 @@
 """The `kcollapse` command line: one subcommand per step of a study.
 
-run -> (eval) -> stages -> report / compare; import-reference brings in the paper's own logs; sweep runs many
-configs and seeds on Ray; bench measures speed against the reference implementation's way of working.
+run -> (eval) -> stages -> report / compare; verify checks a run against its recorded hashes; import-reference
+brings in the paper's own logs; sweep runs many configs and seeds on Ray; bench measures speed against the
+reference implementation's way of working.
 Every user mistake ends as one line on stderr and exit code 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import inspect
+import signal
+from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from kcollapse.config import load_config
 from kcollapse.errors import UserError
+from kcollapse.io import RunLock, atomic_write_text, sanitize_terminal
+from kcollapse.provenance import verify_command
 
 app = typer.Typer(
     help="Run, measure and explain knowledge collapse under recursive synthetic training.",
@@ -31,8 +39,6 @@ def friendly(func):
 
     @functools.wraps(func)
     def wrapper(*args, debug: bool = False, **kwargs):
-        from kcollapse.io import sanitize_terminal
-
         try:
             return func(*args, **kwargs)
         except UserError as e:
@@ -47,8 +53,6 @@ def friendly(func):
         except OSError as e:
             if debug:
                 raise
-            import errno
-
             where = f"{e.filename}: " if e.filename else ""
             mid_run = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # disk full: free space, then resume
             hint = getattr(wrapper, "resume_hint", "") if mid_run else ""
@@ -60,23 +64,10 @@ def friendly(func):
     return wrapper
 
 
-def _check_out_dir(out: Path) -> None:
-    """--out must be a directory or creatable as one: refuse a file (or a file on the way) before any work."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; expected a run directory")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--out {out}: {parent} is a file; expected a directory path")
-            break
-
-
 class _sigterm_as_interrupt:
     """A scheduler's SIGTERM (job time limit, preemption) stops a run as cleanly as Ctrl-C, while the run lasts."""
 
     def __enter__(self):
-        import signal
-
         def handler(signum, frame):
             raise KeyboardInterrupt
 
@@ -87,15 +78,11 @@ class _sigterm_as_interrupt:
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
 
 
 def _with_debug(func):
-    import inspect
-
     sig = inspect.signature(func)
     params = list(sig.parameters.values()) + [
         inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=DEBUG, annotation=bool)
@@ -112,33 +99,29 @@ def run(
     preset: Optional[str] = typer.Option(None, "--preset", help="Built-in recipe instead of CONFIG: default, quick, collapse."),
 ):
     """Run the recursive synthetic-training loop; re-running on the same RUN_DIR resumes it."""
-    from kcollapse.config import load_config
-    from kcollapse.loop import run_experiment
-
-    from kcollapse.io import RunLock
+    from kcollapse.loop import run_experiment  # deferred, as in every command: torch, transformers
+    from kcollapse.report import report_after_run  # deferred: pandas, matplotlib
+    from kcollapse.rundir import check_out  # deferred: pandas
 
     cfg = load_config(config, set_ or [], preset)
     name = config.stem if config is not None else (preset or "default")
     out = out or Path("runs") / name
-    _check_out_dir(out)
+    check_out(out)
     if out.is_dir():
         RunLock(out).check()  # a live run here: refuse now, not after loading the model
     run.resume_hint = f"Run the same command again to resume from the last finished step in {out}."
     with _sigterm_as_interrupt():
         run_experiment(cfg, out)
+    report_after_run(out)
 
 
 @app.command()
 @friendly
 def init(path: Path = typer.Argument(Path("kcollapse.yaml"), help="Where to write the example config.")):
     """Write a commented example config (runs offline as written; point `model` at any local checkpoint)."""
-    from importlib import resources
-
     if path.exists():
         raise UserError(f"{path}: already exists; choose another path or delete it")
     text = (resources.files("kcollapse") / "recipes" / "example.yaml").read_text()
-    from kcollapse.io import atomic_write_text
-
     atomic_write_text(path, text)
     typer.echo(f"wrote {path}; run it with: kcollapse run {path}")
 
@@ -146,7 +129,7 @@ def init(path: Path = typer.Argument(Path("kcollapse.yaml"), help="Where to writ
 @app.command("eval")
 @friendly
 def eval_(
-    model: str = typer.Argument(..., help="Model: HF id, local checkpoint dir, or 'organism'."),
+    model: str = typer.Argument(..., help="Model: HF id, local checkpoint dir, a .gguf file, 'gemma3-270m' or 'organism'."),
     benchmark: str = typer.Option("organism", "--benchmark", help="organism | local .jsonl/.csv file or dir | hf:<dataset>"),
     format_: Optional[List[str]] = typer.Option(None, "--format", help="Instruction format (repeatable; default: all)."),
     subject: Optional[List[str]] = typer.Option(None, "--subject", help="Subject (repeatable; default: all)."),
@@ -156,7 +139,7 @@ def eval_(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override an eval field: key=value (e.g. free_text=false)."),
 ):
     """Evaluate one model: task-centric metrics per subject and format, per-question answers."""
-    from kcollapse.evaluate.cli import eval_command
+    from kcollapse.evaluate.cli import eval_command  # deferred: pulls in torch
 
     eval_command(model, benchmark, format_ or [], subject or [], limit, scoring, out, set_ or [])
 
@@ -168,7 +151,7 @@ def stages(
     rules: Optional[Path] = typer.Option(None, "--rules", help="YAML of stage-rule thresholds (see `stages:` in the config)."),
 ):
     """Classify every arm x format x generation into stage A, B or C; writes RUN_DIR/stages.json."""
-    from kcollapse.stages import stages_command
+    from kcollapse.stages import stages_command  # deferred: pandas
 
     stages_command(run_dir, rules_file=rules)
 
@@ -176,10 +159,24 @@ def stages(
 @app.command()
 @friendly
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
-    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/figures/."""
-    from kcollapse.report import report_command
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/figures/; for a sweep directory, the sweep's report."""
+    if (run_dir / "sweep.json").is_file():
+        from kcollapse.sweep import report_sweep  # deferred: pandas, matplotlib
+
+        report_sweep(run_dir)  # prints what it wrote
+        return
+    from kcollapse.report import report_command  # deferred: pandas, matplotlib
 
     report_command(run_dir)
+
+
+@app.command()
+@friendly
+def verify(run_dir: Path = typer.Argument(..., help="A run directory.")):
+    """Check a run directory against the hashes in its run.json: "ok", or one line per mismatch and exit 1."""
+    code = verify_command(run_dir)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -189,7 +186,7 @@ def compare(
     out: Path = typer.Option(Path("comparison"), "--out", "-o", help="Output directory."),
 ):
     """Overlay arms of several runs in one report and one CSV."""
-    from kcollapse.report import compare_command
+    from kcollapse.report import compare_command  # deferred: pandas, matplotlib
 
     compare_command(run_dirs, out)
 
@@ -201,7 +198,7 @@ def import_reference(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
 ):
     """Convert the reference implementation's logs into a kcollapse run directory."""
-    from kcollapse.reference import import_command
+    from kcollapse.reference import import_command  # deferred: pulls in torch
 
     import_command(dir_, out)
 
@@ -217,7 +214,7 @@ def sweep(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep directory (default: sweeps/<config name>)."),
 ):
     """Run a grid x seeds of ordinary, resumable runs as Ray tasks; summarise retention and resistance."""
-    from kcollapse.sweep import sweep_command
+    from kcollapse.sweep import sweep_command  # deferred: pandas (ray and torch when trials run)
 
     sweep.resume_hint = "Run the same command again: finished trials are kept, unfinished ones resume."
     sweep_command(config, grid or [], seeds, address, cpus_per_trial, out or Path("sweeps") / config.stem)
@@ -231,7 +228,7 @@ def bench(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run whose seconds_* metrics give the phase table (default: runs/default)."),
 ):
     """Measure scoring, free-text, synthesis and training speed against reference-style baselines."""
-    from kcollapse.bench import bench_command
+    from kcollapse.bench import bench_command  # deferred: pulls in torch
 
     bench_command(quick, json_, run_dir)
 

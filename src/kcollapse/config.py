@@ -9,6 +9,8 @@ Unknown keys and wrong types are errors that name the field; nothing is silently
 from __future__ import annotations
 
 import copy
+import reprlib
+import string
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -19,10 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kcollapse.errors import UserError
 
 PAPER_FORMATS = ["multiple_choice", "multiple_choice_few_shot", "short_answer", "no_instruction"]
-MMLU_SUBJECTS = [
-    "global_facts", "world_religions", "high_school_geography",  # factual
-    "formal_logic", "elementary_mathematics", "high_school_mathematics",  # reasoning
-]
 
 
 class Strict(BaseModel):
@@ -53,7 +51,9 @@ class CorpusConfig(Strict):
 class ArmConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     synthetic_ratio: float = Field(ge=0.0, le=1.0)
-    mode: Literal["replace", "accumulate", "real_only"] = "replace"
+    mode: Literal["replace", "accumulate", "accumulate_subsample", "real_only"] = Field(
+        "replace", description="train on this generation's mix (replace), on every mix so far (accumulate), on a "
+        "sample of every mix so far the size of one generation's (accumulate_subsample), or real text only")
     domain: str | None = None
     domain_corpus: str | None = Field(None, description="a text corpus of this domain (as the paper's per-topic files)")
     domain_keywords: list[str] | None = Field(None, description="keep only real texts mentioning one of these")
@@ -102,6 +102,9 @@ class EvalConfig(Strict):
     limit: int | None = Field(100, ge=1, description="questions per subject")
     split: str | None = Field(None, description="only questions of this benchmark split (e.g. heldout)")
     scoring: Literal["reference", "loglik"] = "reference"
+    permutation: bool = Field(False, description="also ask each question with its options rotated (position-bias "
+                              "control; doubles option scoring of the formats that list options: +40% evaluation time "
+                              "on the organism, hence off by default)")
     few_shot_k: int = Field(3, ge=0)
     few_shot_file: str | None = None
     free_text: bool = True
@@ -121,12 +124,12 @@ class EvalConfig(Strict):
                 raise ValueError(f"{field}: {value} does not exist (expected a file)")
         if not self.formats:
             raise ValueError("formats: empty list, expected at least one instruction format")
-        from kcollapse.evaluate.formats import load_formats
+        from kcollapse.evaluate.formats import load_formats  # deferred: kcollapse.evaluate imports torch (and config)
 
         try:
             known = load_formats(self.formats_file)
             if self.few_shot_file is not None:
-                from kcollapse.evaluate.benchmark import load_few_shot_file
+                from kcollapse.evaluate.benchmark import load_few_shot_file  # deferred: as above
 
                 load_few_shot_file(Path(self.few_shot_file).expanduser())
         except UserError as e:
@@ -143,9 +146,7 @@ class EvalConfig(Strict):
 
 def _check_template(fmt, source: str) -> None:
     """A placeholder the renderer cannot fill would be a KeyError at the first evaluation, hours into a run."""
-    import string
-
-    from kcollapse.evaluate.formats import PLACEHOLDERS
+    from kcollapse.evaluate.formats import PLACEHOLDERS  # deferred: kcollapse.evaluate imports torch (and config)
 
     for part, allowed in (("template", PLACEHOLDERS), ("example", PLACEHOLDERS | {"letter", "answer_text"})):
         text = getattr(fmt, part, None)
@@ -209,6 +210,8 @@ class StageRules(Strict):
     words_factor: float = Field(2.0, gt=1.0, description="C: answer length changed by more than this factor")
     fluency_drop: float = Field(0.2, gt=0.0, description="C: relative drop of fluency")
     confident_threshold: float = Field(0.5, gt=0.0, le=1.0, description="confident-wrong: wrong with confidence >= this")
+    position_bias: float = Field(0.2, gt=0.0, le=1.0, description="flag position bias (eval.permutation answers) when "
+                                 "position_bias >= this and the picks keep their letter more often than their option")
     ci: float = Field(0.95, gt=0.5, lt=1.0)
     n_boot: int = Field(1000, ge=50)
     seed: int = 0
@@ -223,7 +226,7 @@ class StageRules(Strict):
 
 
 class ExperimentConfig(Strict):
-    model: str = Field("organism", description="HF model id, local checkpoint dir, or 'organism'")
+    model: str = Field("organism", description="HF model id, local checkpoint dir, a .gguf file, 'gemma3-270m' (packaged weights) or 'organism'")
     tokenizer: str | None = None
     trust_remote_code: bool = False
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
@@ -275,14 +278,12 @@ RUNTIME_FIELDS = {"device", "parallel_arms", "threads", "cache_dir", "eval.batch
 
 def _short_repr(value: Any) -> str:
     """repr of user input, bounded in depth and length (a YAML alias bomb would take hours in repr())."""
-    import reprlib
-
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 4, 60, 60
     return r.repr(value)[:60]
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"]) or "config"
     if e["type"] == "extra_forbidden":
@@ -299,7 +300,7 @@ def validate(data: dict, source: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err, source)) from None
+        raise UserError(format_validation_error(err, source)) from None
     except RecursionError:
         raise UserError(f"{source}: values nested too deeply") from None
 

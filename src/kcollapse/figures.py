@@ -1,4 +1,5 @@
-"""Figures of a collapse study: metric curves per arm with the stages shaded, the stage timeline, overlays.
+"""Figures of a collapse study: metric curves per arm with the stages shaded, the stage timeline, overlays,
+reliability diagrams.
 
 Every figure is drawn with matplotlib (Agg, no display needed), saved as PNG under RUN_DIR/figures/ and returned
 as bytes so that report.py can embed it (base64) in one self-contained HTML page. Stage bands: none for A,
@@ -22,13 +23,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from kcollapse.io import _umask  # noqa: E402
+from kcollapse.io import current_umask  # noqa: E402
 
 
 BAND = {"B": ("#f6c343", 0.22), "C": ("#e4572e", 0.22)}
 STAGE_COLOR = {"A": "#8fd19e", "B": "#f6c343", "C": "#e4572e", "?": "#dddddd"}
 TASK_ORDER = ["accuracy", "judged_accuracy", "greedy_rate", "max_freq", "confidence", "confident_wrong_rate",
-              "format_adherence", "answer_wellformed", "answer_words", "answer_repetition", "judge_mean", "fluency"]
+              "accuracy_permuted", "consistent_correct", "position_bias", "brier", "format_adherence", "answer_wellformed", "answer_words", "answer_repetition", "judge_mean", "fluency"]
 MODEL_ORDER = ["perplexity", "perplexity_heldout", "entropy", "entropy_std", "distinct_1", "distinct_2",
                "repetition_rate", "fluency"]
 SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part", "answers": "free-text answers"}
@@ -57,7 +58,7 @@ def _save(fig, path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:  # atomic and readable like kcollapse.io's text writers (it has no bytes writer)
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -248,3 +249,35 @@ def dose_figure(rows: list[dict]) -> bytes:
     if not df.empty:
         ax.legend(fontsize=7)
     return _png(fig, bbox_inches="tight")
+
+
+@_literal_text
+def reliability_figure(curves: dict[str, dict[str, list[dict]]], path: Path) -> bytes:
+    """Reliability diagrams, one panel per format: accuracy against mean confidence in each confidence bin (points
+    sized by the questions in the bin) for each labelled line (generation 0, each arm's last generation)."""
+    cols = min(4, max(1, len(curves)))
+    rows = max(1, math.ceil(len(curves) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    labels = list(dict.fromkeys(k for lines in curves.values() for k in lines))
+    colors = {k: ("black" if i == 0 else plt.cm.tab10((i - 1) % 10)) for i, k in enumerate(labels)}
+    for ax, (fmt, lines) in zip(axes.flat, curves.items()):
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="calibrated")
+        for label, bins in lines.items():
+            if not bins:
+                continue
+            total = sum(b["n"] for b in bins)
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "-", color=colors[label], lw=1)
+            ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color=colors[label],
+                       s=[10 + 120 * b["n"] / total for b in bins], label=label, zorder=3)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"reliability · {fmt}", fontsize=9)
+        ax.set_xlabel("confidence (bin mean)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -7,6 +7,7 @@ rewritten the same way, so a line is complete or absent. A run directory is lock
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -14,8 +15,8 @@ import re
 import shutil
 import socket
 import sys
-import time
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -72,7 +73,7 @@ def sanitize_terminal(text: Any, limit: int = 2000) -> str:
     return _TERMINAL_UNSAFE.sub(lambda m: f"<U+{ord(m.group()):04X}>", text)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it where Linux allows (os.umask would race other threads)."""
     try:
         with open("/proc/self/status") as f:
@@ -91,7 +92,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: a shared run directory must stay readable
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: a shared run directory must stay readable
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(scrub_surrogates(text))  # always valid UTF-8
             f.flush()
@@ -179,8 +180,6 @@ class RunLock:
         except OSError:
             return None
         try:
-            import fcntl
-
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -199,8 +198,6 @@ class RunLock:
             raise self._refusal(owner)
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(100):
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -236,30 +233,6 @@ class RunLock:
             self.path.unlink(missing_ok=True)  # unlink while still holding it: a waiter re-checks the inode
             os.close(self._fd)
             self._fd = None
-
-
-_PAUSE_HITS: dict[str, int] = {}
-
-
-def test_pause(point: str) -> None:
-    """Test-only hook (a no-op unless KCOLLAPSE_TEST_PAUSE is set): the reliability tests stop a run at a precise
-    moment (mid-synthesis, mid-training, mid-checkpoint, mid-evaluation) to SIGKILL it there. With
-    KCOLLAPSE_TEST_PAUSE="<point>@<n>" the n-th call with this point writes "<point>@<n> <pid>" to the file
-    KCOLLAPSE_TEST_PAUSE_FILE and sleeps until the test kills the process (or 120 s pass)."""
-    want = os.environ.get("KCOLLAPSE_TEST_PAUSE")
-    if not want:
-        return
-    name, _, n = want.partition("@")
-    if name != point:
-        return
-    _PAUSE_HITS[point] = _PAUSE_HITS.get(point, 0) + 1
-    if _PAUSE_HITS[point] != int(n or 1):
-        return
-    Path(os.environ["KCOLLAPSE_TEST_PAUSE_FILE"]).write_text(f"{want} {os.getpid()}")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.05)
-    os._exit(3)
 
 
 _TEMP_FILE = re.compile(r"^\..+\.tmp$")  # atomic_write_text's temporaries

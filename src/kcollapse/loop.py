@@ -3,7 +3,8 @@
     gen 0 model --evaluate--> baseline (shared by every arm)
     for each arm, for g = 1..N:
         synthesize  draw blocks; keep (1-alpha) real, let model g-1 continue the rest    -> synthetic.jsonl
-        train       fine-tune model g-1 on this mix (replace), on all mixes (accumulate) -> model/
+        train       fine-tune model g-1 on this mix (replace), on all mixes (accumulate), on a sample of all
+                    mixes the size of one (accumulate_subsample)                           -> model/
         evaluate    model-centric and task-centric metrics                               -> metrics.jsonl
 
 Every step writes its result atomically and is skipped when its result exists, so re-running the same command
@@ -20,14 +21,28 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
 import yaml
+from rich.console import Console
+from rich.markup import escape
+from transformers.utils import logging as hf_logging
 
 from kcollapse import corpus as corpus_mod
-from kcollapse.config import ExperimentConfig, differing_fields, validate
+from kcollapse import organism, provenance, train, workers
+from kcollapse.config import ExperimentConfig
 from kcollapse.errors import UserError
-from kcollapse.io import RunLock, atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp, write_jsonl
+from kcollapse.evaluate import evaluate, load_benchmark
+from kcollapse.evaluate.textstats import vocabulary
+from kcollapse.io import RunLock, atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp, sanitize_terminal, write_jsonl
+from kcollapse.models import load_model, save_model
+from kcollapse.pretrained import resolve_model
+from kcollapse.progress import make_progress
+from kcollapse.rundir import Run, check_run_dir, collect_metrics, generations_done, write_state
+from kcollapse.synthesize import build_mix
 
 
 def step_seed(seed: int, *parts) -> int:
@@ -37,8 +52,6 @@ def step_seed(seed: int, *parts) -> int:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for pkg in ("kcollapse", "torch", "transformers", "datasets", "peft", "accelerate", "tokenizers"):
         try:
@@ -46,32 +59,6 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-class Run:
-    """Paths and resources of one run directory."""
-
-    def __init__(self, cfg: ExperimentConfig, out: Path):
-        self.cfg, self.out = cfg, Path(out)
-
-    def gen_dir(self, arm: str, g: int) -> Path:
-        return self.out / "arms" / arm / f"gen_{g}"
-
-    def model_dir(self, arm: str, g: int) -> Path:
-        return self.out / "gen_0" / "model" if g == 0 else self.gen_dir(arm, g) / "model"
-
-
-def check_run_dir(cfg: ExperimentConfig, out: Path) -> None:
-    """Refuse a file, or a run directory made with another config (naming the fields that differ)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; expected a run directory")
-    saved = out / "config.yaml"
-    if saved.is_file():
-        old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved)).model_dump(mode="json")
-        diff = differing_fields(old, cfg.model_dump(mode="json"))
-        if diff:
-            raise UserError(f"{out} was made with a different config ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''} "
-                            "differ); use a new --out or the same config")
 
 
 def write_config(cfg: ExperimentConfig, out: Path, extra: dict) -> None:
@@ -84,14 +71,9 @@ def write_config(cfg: ExperimentConfig, out: Path, extra: dict) -> None:
 
 def prepare(cfg: ExperimentConfig):
     """Everything a run needs before it writes a file: the gen-0 model path, texts, benchmark. Bad input fails here."""
-    from kcollapse.evaluate import load_benchmark
-
     extra: dict = {}
-    organism_corpus = organism_benchmark = None
-    needs_world = cfg.model == "organism" or cfg.corpus.path == "organism" or cfg.eval.benchmark == "organism"
-    if needs_world:
-        from kcollapse import organism
-
+    organism_corpus = organism_benchmark = world = cache = None
+    if cfg.model == "organism" or cfg.corpus.path == "organism" or cfg.eval.benchmark == "organism":
         cache = Path(cfg.cache_dir) if cfg.cache_dir else organism.default_cache_dir()
         world = organism.build_world(cfg.organism, cache)
         organism_corpus, organism_benchmark = world.corpus_path, world.benchmark_path
@@ -102,163 +84,142 @@ def prepare(cfg: ExperimentConfig):
             raise UserError(f"eval.{field}: {path} is not a local model directory")
     texts = corpus_mod.load_texts(cfg.corpus, organism_corpus)
     items = load_benchmark(cfg.eval, organism_benchmark)
+    extra["inputs"] = provenance.hash_inputs(cfg, organism_corpus, organism_benchmark, texts, items)
     if cfg.model == "organism":
         model_path = organism.ensure_gen0(cfg.organism, cache, world)
-    else:
-        model_path = cfg.model
+    else:  # a .gguf file or a packaged model is converted once to a cached safetensors checkpoint
+        model_path = resolve_model(cfg.model, cfg.cache_dir)
     return model_path, texts, items, extra
 
 
-def _load(cfg: ExperimentConfig):
-    """Model, tokenizer, texts and arm pools: what the parent and every arm worker build the same way."""
-    model_path, texts, items, extra = prepare(cfg)
-    from kcollapse.models import load_model
+@dataclass
+class Setup:
+    """What the parent and every arm worker build the same way from the config, before any step runs."""
 
+    model_path: str
+    model0: object  # the generation-0 model: the shared baseline, and the reference for perplexity
+    tokenizer: object
+    items: list[dict]  # benchmark questions
+    heldout: list[str]  # texts no generation trains on (perplexity_heldout)
+    reference_vocab: set[str]  # the words of the generation-0 training texts (fluency)
+    pools: dict  # arm name -> the blocks its generations draw from
+    extra: dict  # for run.json
+
+
+def setup(cfg: ExperimentConfig) -> Setup:
+    model_path, texts, items, extra = prepare(cfg)
     model0, tokenizer = load_model(model_path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                    tokenizer_path=cfg.tokenizer)
     train_texts, heldout = corpus_mod.split_heldout(texts, cfg.corpus, cfg.seed)
     blocks = corpus_mod.make_blocks(tokenizer, train_texts, cfg.block_tokens)
     pools = {a.name: corpus_mod.arm_pool(blocks, a, tokenizer, cfg.corpus, cfg.block_tokens) for a in cfg.arms}
-    return model_path, model0, tokenizer, items, heldout, train_texts, pools, extra
+    return Setup(str(model_path), model0, tokenizer, items, [t.text for t in heldout],
+                 vocabulary([t.text for t in train_texts]), pools, extra)
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
-    from rich.console import Console
-    from rich.markup import escape
-
+    """Run (or resume) every arm's generations in OUT; the report is the caller's (`kcollapse run` writes it)."""
     console = Console(stderr=True)
     out = Path(out)
-    parallel = min(cfg.parallel_arms, len(cfg.arms))
     if cfg.threads:  # otherwise every core: generation 0 trains and evaluates here before the arm workers split them
-        import torch
-
         torch.set_num_threads(cfg.threads)
     check_run_dir(cfg, out)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum" while cutting blocks
     start = time.time()
-    model_path, model0, tokenizer, items, heldout, train_texts, pools, extra = _load(cfg)
+    s = setup(cfg)
+    inputs = s.extra.pop("inputs")
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         remove_stale_temp(out)  # what a killed run left half-written
-        write_config(cfg, out, extra | {"model_path": str(model_path)})
+        if not (out / "run.json").exists():  # what the run is made of, as it starts (a resume keeps the record)
+            s.extra["provenance"] = provenance.record(cfg, inputs, s.model_path, s.model0)
+        for name in provenance.changed_inputs(out, inputs):  # resuming on other data mixes two experiments
+            console.print(f"[yellow]warning[/]: {escape(name)} differs from the one this run started with "
+                          f"(run.json); `kcollapse verify {escape(str(out))}` lists what changed")
+        write_config(cfg, out, s.extra | {"model_path": s.model_path})
         run = Run(cfg, out)
-        ctx = Context(run, model0, tokenizer, items, [t.text for t in heldout], train_texts)
-        ctx.ensure_gen0_checkpoint(model_path)
-        from kcollapse.progress import make_progress
-
+        runner = Runner(run, s)
+        runner.ensure_gen0_checkpoint(s.model_path)
         with make_progress(console) as progress:
-            ctx.progress = progress
-            ctx.evaluate_gen0()
+            runner.progress = progress
+            runner.evaluate_gen0()
             overall = progress.add_task("generations", total=len(cfg.arms) * cfg.generations)
+            parallel = min(cfg.parallel_arms, len(cfg.arms))
             if parallel > 1:
-                _run_arms_in_processes(cfg, out, parallel, progress, overall)
+                run_arms_in_processes(cfg, out, parallel, progress, overall)
             else:
                 for arm in cfg.arms:
                     for g in range(1, cfg.generations + 1):
                         progress.update(overall, description=f"{arm.name} gen {g}/{cfg.generations}")
-                        ctx.generation(arm, g, pools[arm.name])
+                        runner.generation(arm, g)
                         progress.advance(overall)
         collect_metrics(run)
-        _write_state(run, done=True)
-        from kcollapse.report import write_report
-
-        try:
-            write_report(out)
-        except Exception as e:  # the run's results are complete and safe; a report can be redone
-            console.print(f"[yellow]warning[/]: report not written ({type(e).__name__}: {escape(str(e))[:200]}); "
-                          f"run `kcollapse report {escape(str(out))}`")
-    from kcollapse.io import sanitize_terminal
-
+        write_state(run, done=True)
+        provenance.update_run_json(out, finished=provenance.now())
     console.print(f"[bold green]done[/] in {time.time() - start:.0f} s: {escape(sanitize_terminal(str(out)))}/metrics.jsonl")
     return out
 
 
-# -- arms in parallel processes ------------------------------------------------------------------------------
-# On a small CPU, two single-threaded processes beat one two-threaded process (a tiny model's ops are too small
-# to split well across threads). Arms are independent after generation 0, so `parallel_arms: N` hands them to N
-# spawned worker processes, one arm at a time each. Every step is seeded from (seed, arm, generation) alone and
-# written atomically, so what a worker computes does not depend on the scheduling, and resume works unchanged.
-
-def _threads_per_worker(parallel: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // parallel)
-
-
-def _die_with_parent() -> None:
-    """Workers get SIGKILL when the parent dies (Linux), so a killed run leaves no orphan writing into RUN_DIR."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _arm_worker(cfg_data: dict, out: str, arm_name: str, threads: int) -> str:
-    _die_with_parent()
-    import torch
-    from transformers.utils import logging as hf_logging
-
+def arm_worker(cfg_data: dict, out: str, arm_name: str, threads: int) -> str:
+    """One arm's generations in a worker process (workers.run_in_processes)."""
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
     cfg = ExperimentConfig.model_validate(cfg_data)
-    _, model0, tokenizer, items, heldout, train_texts, pools, _ = _load(cfg)
-    ctx = Context(Run(cfg, Path(out)), model0, tokenizer, items, [t.text for t in heldout], train_texts)
-    ctx.collect_each_step = False  # the parent collects; workers would race each other rewriting metrics.jsonl
+    runner = Runner(Run(cfg, Path(out)), setup(cfg))
+    runner.collect_each_step = False  # the parent collects; workers would race each other rewriting metrics.jsonl
     arm = next(a for a in cfg.arms if a.name == arm_name)
     for g in range(1, cfg.generations + 1):
-        ctx.generation(arm, g, pools[arm.name])
+        runner.generation(arm, g)
     return arm_name
 
 
-def _run_arms_in_processes(cfg: ExperimentConfig, out: Path, parallel: int, progress, overall) -> None:
-    import multiprocessing
-
+def run_arms_in_processes(cfg: ExperimentConfig, out: Path, parallel: int, progress, overall) -> None:
     run = Run(cfg, out)
-    threads = cfg.threads or _threads_per_worker(parallel)
-    total, last = len(cfg.arms) * cfg.generations, -1
+    threads = cfg.threads or workers.threads_per_worker(parallel)
+    total, last = len(cfg.arms) * cfg.generations, [-1]
     progress.update(overall, description=f"{len(cfg.arms)} arms, {parallel} at once")
-    pool = multiprocessing.get_context("spawn").Pool(parallel)
-    try:
-        jobs = [pool.apply_async(_arm_worker, (cfg.model_dump(mode="json"), str(out), a.name, threads)) for a in cfg.arms]
-        while True:
-            all_done = all(job.ready() for job in jobs)  # before counting files: a late finish is counted below
-            for job in jobs:
-                if job.ready():
-                    job.get()  # a worker's error (e.g. a UserError) surfaces here, in the parent
-            finished = sum(map(len, generations_done(run).values()))
-            if finished != last:
-                last = finished
-                progress.update(overall, completed=finished)
-                collect_metrics(run)
-                _write_state(run, done=False)
-            if all_done:
-                break
-            time.sleep(0.5)
-        pool.close()
-    finally:
-        pool.terminate()  # on an error or Ctrl-C no worker goes on writing
-        pool.join()
-    if last != total:
-        raise RuntimeError(f"arm workers finished {last} of {total} generations")
+
+    def watch():
+        finished = sum(map(len, generations_done(run).values()))
+        if finished != last[0]:
+            last[0] = finished
+            progress.update(overall, completed=finished)
+            collect_metrics(run)
+            write_state(run, done=False)
+
+    jobs = [(cfg.model_dump(mode="json"), str(out), a.name, threads) for a in cfg.arms]
+    workers.run_in_processes(arm_worker, jobs, parallel, watch)
+    if last[0] != total:
+        raise RuntimeError(f"arm workers finished {last[0]} of {total} generations")
 
 
-class Context:
-    """What one run holds in memory across generations: the current model per arm, the tokenizer, eval data."""
+class StepLog:
+    """A generation's steps: each is skipped when its output exists, else run and timed; the seconds (and other
+    numbers) go to gen_<g>/step.json, which outlives a resume, and become the generation's metric rows."""
 
-    def __init__(self, run: Run, model0, tokenizer, items, heldout_texts, train_texts):
-        self.run, self.cfg = run, run.cfg
-        self.model0, self.tokenizer, self.items = model0, tokenizer, items
-        self.heldout_texts = heldout_texts
-        from kcollapse.evaluate.textstats import vocabulary
+    def __init__(self, path: Path):
+        self.path = path
+        self.numbers: dict = json.loads(path.read_text()) if path.exists() else {}
 
-        self.reference_vocab = vocabulary([t.text for t in train_texts])  # fluency = share of words known at gen 0
+    def run(self, name: str, output: Path, work) -> None:
+        if output.exists():
+            return
+        t0 = time.time()
+        work()  # writes `output` atomically
+        self.numbers[f"seconds_{name}"] = time.time() - t0
+        atomic_write_json(self.path, self.numbers)
+
+
+class Runner:
+    """What one run holds in memory across generations: the setup, and the current model of the arm in hand."""
+
+    def __init__(self, run: Run, s: Setup):
+        self.run, self.cfg, self.s = run, run.cfg, s
+        self.tokenizer = s.tokenizer
         self.progress = None
         self.collect_each_step = True  # rebuild RUN_DIR/metrics.jsonl after every generation
         self.current: dict[str, tuple] = {}  # arm -> (generation, model) held in memory
+        self._mixes: tuple = (None, [])  # ((arm, generation), its training mixes) once read
 
     # -- generation 0 --------------------------------------------------------------------------------------
     def ensure_gen0_checkpoint(self, model_path) -> None:
@@ -278,10 +239,12 @@ class Context:
     def evaluate_gen0(self) -> None:
         gen0 = self.run.out / "gen_0"
         if not (gen0 / "metrics.jsonl").exists():
+            mark_time(gen0, "started")
             t0 = time.time()
-            rows = self._evaluate(self.model0, gen0 / "answers", own=None)
+            rows = self._evaluate(self.s.model0, gen0 / "answers", own=None)
             rows.append(_row("seconds_eval", time.time() - t0))
             write_jsonl(gen0 / "metrics.jsonl", rows)
+            mark_time(gen0, "finished")
         for arm in self.cfg.arms:  # generation 0 appears in every arm's curves
             answers = self.run.gen_dir(arm.name, 0) / "answers"
             if not answers.exists() and (gen0 / "answers").exists():
@@ -289,70 +252,85 @@ class Context:
                 os.replace(answers.with_name(".answers.tmp"), answers)
 
     # -- one generation of one arm -------------------------------------------------------------------------
-    def generation(self, arm, g: int, pool) -> None:
+    def generation(self, arm, g: int) -> None:
+        """synthesize -> train -> evaluate, each step skipped when its output exists (a resumed run)."""
         gdir = self.run.gen_dir(arm.name, g)
         if (gdir / "metrics.jsonl").exists():
             return
-        timing_path = gdir / "step.json"  # per-step numbers that outlive a resume
-        timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-        mix_path, model_dir = gdir / "synthetic.jsonl", self.run.model_dir(arm.name, g)
-        if not mix_path.exists():
-            t0 = time.time()
-            prev = self.model_for(arm.name, g - 1)
-            blocks = corpus_mod.draw(pool, self.cfg.samples_per_generation, step_seed(self.cfg.seed, _pool_key(arm), "draw", g))
-            from kcollapse.synthesize import build_mix
-
-            mix = build_mix(prev, self.tokenizer, blocks, arm, self.cfg, step_seed(self.cfg.seed, arm.name, "synth", g), self.progress)
-            write_jsonl(mix_path, mix)
-            timing["seconds_synthesize"] = time.time() - t0
-            atomic_write_json(timing_path, timing)
-        if not model_dir.exists():
-            t0 = time.time()
-            from kcollapse.models import save_model
-            from kcollapse.train import finetune
-
-            prev = self.model_for(arm.name, g - 1)
-            if g == 1:  # training works in place; generation 0 stays the shared baseline and reference
-                prev = copy.deepcopy(prev)
-            texts = [r["text"] for r in self.training_mix(arm, g)]
-            model = finetune(prev, self.tokenizer, texts, self.cfg.train, seed=step_seed(self.cfg.seed, arm.name, "train", g),
-                             work_dir=gdir / ".trainer", progress=self.progress)
-            shutil.rmtree(gdir / ".trainer", ignore_errors=True)
-            save_model(model, self.tokenizer, model_dir)
-            self.current = {arm.name: (g, model)}  # one arm's model in memory at a time
-            timing["seconds_train"] = time.time() - t0
-            atomic_write_json(timing_path, timing)
-        if "train_texts" not in timing:  # counted once here, also after a kill between training and this point
-            texts = [r["text"] for r in self.training_mix(arm, g)]
-            timing["train_texts"] = len(texts)
-            timing["train_tokens"] = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
-            atomic_write_json(timing_path, timing)
-        t0 = time.time()
-        model = self.model_for(arm.name, g)
-        mix = read_jsonl(mix_path)
-        rows = self._evaluate(model, gdir / "answers", own=[r["text"] for r in mix],
-                              synthetic=[r["text"] for r in mix if r["source"] == "synthetic"])
-        rows += [_row(k, v) for k, v in timing.items()] + [_row("seconds_eval", time.time() - t0)]
-        write_jsonl(gdir / "metrics.jsonl", rows)
+        mark_time(gdir, "started")
+        steps = StepLog(gdir / "step.json")
+        steps.run("synthesize", self.run.mix_path(arm.name, g), lambda: self.synthesize(arm, g))
+        steps.run("train", self.run.model_dir(arm.name, g), lambda: self.train(arm, g))
+        self.evaluate(arm, g, steps.numbers)
+        mark_time(gdir, "finished")
         self._drop_old_checkpoint(arm.name, g)
         if self.collect_each_step:
             collect_metrics(self.run)
-            _write_state(self.run, done=False)
+            write_state(self.run, done=False)
 
-    def training_mix(self, arm, g: int) -> list[dict]:
-        if arm.mode != "accumulate":
-            return read_jsonl(self.run.gen_dir(arm.name, g) / "synthetic.jsonl")
-        return [r for k in range(1, g + 1) for r in read_jsonl(self.run.gen_dir(arm.name, k) / "synthetic.jsonl")]
+    def synthesize(self, arm, g: int) -> None:
+        """Draw the generation's blocks; model g-1 continues the synthetic share -> the training mix."""
+        blocks = corpus_mod.draw(self.s.pools[arm.name], self.cfg.samples_per_generation,
+                                 step_seed(self.cfg.seed, _pool_key(arm), "draw", g))
+        mix = build_mix(self.model_for(arm.name, g - 1), self.tokenizer, blocks, arm, self.cfg,
+                        step_seed(self.cfg.seed, arm.name, "synth", g), self.progress)
+        write_jsonl(self.run.mix_path(arm.name, g), mix)
+
+    def train(self, arm, g: int) -> None:
+        """Fine-tune model g-1 on its training texts (training_texts) -> model/."""
+        prev = self.model_for(arm.name, g - 1)
+        if g == 1:  # training works in place; generation 0 stays the shared baseline and reference
+            prev = copy.deepcopy(prev)
+        texts = self.training_texts(arm, g)
+        work_dir = self.run.gen_dir(arm.name, g) / ".trainer"
+        model = train.finetune(prev, self.tokenizer, texts, self.cfg.train, seed=step_seed(self.cfg.seed, arm.name, "train", g),
+                               work_dir=work_dir, progress=self.progress)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        save_model(model, self.tokenizer, self.run.model_dir(arm.name, g))
+        self.current = {arm.name: (g, model)}  # one arm's model in memory at a time
+
+    def evaluate(self, arm, g: int, numbers: dict) -> None:
+        """Model g's metrics -> gen_<g>/metrics.jsonl (the generation's done-marker), with the steps' numbers."""
+        t0 = time.time()
+        mixes = self.training_mixes(arm, g)
+        texts = self.training_texts(arm, g)
+        numbers = {**numbers, "train_texts": len(texts),
+                   "train_tokens": sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))}
+        rows = self._evaluate(self.model_for(arm.name, g), self.run.gen_dir(arm.name, g) / "answers",
+                              own=[r["text"] for r in mixes[-1]],
+                              synthetic=[r["text"] for r in mixes[-1] if r["source"] == "synthetic"])
+        rows += [_row(k, v) for k, v in numbers.items()] + [_row("seconds_eval", time.time() - t0)]
+        write_jsonl(self.run.gen_dir(arm.name, g) / "metrics.jsonl", rows)
+
+    def training_mixes(self, arm, g: int) -> list[list[dict]]:
+        """The mixes model g draws its training texts from: its own (replace), or those of generations 1..g
+        (accumulate, accumulate_subsample); read once for training and evaluation."""
+        if self._mixes[0] != (arm.name, g):
+            gens = range(1, g + 1) if arm.mode in ("accumulate", "accumulate_subsample") else [g]
+            self._mixes = ((arm.name, g), [read_jsonl(self.run.mix_path(arm.name, k)) for k in gens])
+        return self._mixes[1]
+
+    def training_texts(self, arm, g: int) -> list[str]:
+        """Every text of the training mixes; for accumulate_subsample a seeded sample of them the size of one
+        generation's mix (accumulate at the compute of replace), recorded as [generation, row] pairs in
+        gen_<g>/training_sample.json."""
+        mixes = self.training_mixes(arm, g)
+        if arm.mode != "accumulate_subsample":
+            return [r["text"] for mix in mixes for r in mix]
+        pooled = [(k, i) for k, mix in enumerate(mixes, 1) for i in range(len(mix))]
+        sample = corpus_mod.draw(pooled, len(mixes[-1]), step_seed(self.cfg.seed, arm.name, "subsample", g))
+        record = self.run.gen_dir(arm.name, g) / "training_sample.json"
+        if not record.exists():
+            atomic_write_json(record, {"mode": arm.mode, "pool": len(pooled), "rows": [list(pair) for pair in sample]})
+        return [mixes[k - 1][i]["text"] for k, i in sample]
 
     def model_for(self, arm: str, g: int):
         """Model of generation g for this arm: kept in memory from the last step, or loaded (after a resume)."""
         if g == 0:
-            return self.model0
+            return self.s.model0
         held = self.current.get(arm)
         if held and held[0] == g:
             return held[1]
-        from kcollapse.models import load_model
-
         model, _ = load_model(self.run.model_dir(arm, g), device=self.cfg.device, dtype=self.cfg.dtype,
                               trust_remote_code=self.cfg.trust_remote_code)
         self.current = {arm: (g, model)}
@@ -363,12 +341,25 @@ class Context:
             shutil.rmtree(self.run.model_dir(arm, g - 1), ignore_errors=True)
 
     def _evaluate(self, model, answers_dir: Path, own, synthetic=None) -> list[dict]:
-        from kcollapse.evaluate import evaluate
-
-        return evaluate(model, self.tokenizer, self.cfg.eval, self.items, heldout_texts=self.heldout_texts, own_texts=own,
-                        synthetic_texts=synthetic, reference_model=self.model0, reference_tokenizer=self.tokenizer,
-                        reference_vocab=self.reference_vocab, answers_dir=answers_dir,
+        return evaluate(model, self.tokenizer, self.cfg.eval, self.s.items, heldout_texts=self.s.heldout, own_texts=own,
+                        synthetic_texts=synthetic, reference_model=self.s.model0, reference_tokenizer=self.tokenizer,
+                        reference_vocab=self.s.reference_vocab, answers_dir=answers_dir,
                         use_chat_template=self.cfg.chat.use_template, progress=self.progress)
+
+
+def _row(metric: str, value: float, fmt=None, subject=None) -> dict:
+    return {"metric": metric, "value": float(value), "format": fmt, "subject": subject}
+
+
+def mark_time(gen_dir: Path, event: str) -> None:
+    """Note in GEN_DIR/times.json when a generation started (the first time only: a resume keeps it) or finished;
+    provenance.generation_times gathers them into run.json."""
+    path = Path(gen_dir) / "times.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    if event == "started" and "started" in times:
+        return
+    times[event] = provenance.now()
+    atomic_write_json(path, times)
 
 
 def _pool_key(arm) -> tuple:
@@ -376,31 +367,3 @@ def _pool_key(arm) -> tuple:
     return (arm.domain, arm.domain_corpus, tuple(arm.domain_keywords or ()))
 
 
-def _row(metric: str, value: float, fmt=None, subject=None) -> dict:
-    return {"metric": metric, "value": float(value), "format": fmt, "subject": subject}
-
-
-def collect_metrics(run: Run) -> None:
-    """Rebuild RUN_DIR/metrics.jsonl from the per-generation files, in a fixed order (idempotent)."""
-    rows = []
-    gen0 = run.out / "gen_0" / "metrics.jsonl"
-    base = read_jsonl(gen0) if gen0.exists() else []
-    for arm in run.cfg.arms:
-        rows += [{"arm": arm.name, "generation": 0, **r} for r in base]
-        for g in range(1, run.cfg.generations + 1):
-            path = run.gen_dir(arm.name, g) / "metrics.jsonl"
-            if path.exists():
-                rows += [{"arm": arm.name, "generation": g, **r} for r in read_jsonl(path)]
-    write_jsonl(run.out / "metrics.jsonl", rows)
-
-
-def generations_done(run: Run) -> dict[str, list[int]]:
-    """arm -> the generations (1..N) whose evaluation is written: the run directory is the record of progress."""
-    return {a.name: [g for g in range(1, run.cfg.generations + 1) if (run.gen_dir(a.name, g) / "metrics.jsonl").exists()]
-            for a in run.cfg.arms}
-
-
-def _write_state(run: Run, done: bool) -> None:
-    finished = {arm: max(gens, default=0) for arm, gens in generations_done(run).items()}
-    atomic_write_json(run.out / "state.json", {"complete": done, "generations_done": finished,
-                                                "generations": run.cfg.generations})

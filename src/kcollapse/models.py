@@ -7,6 +7,8 @@ code on load) and `trust_remote_code` is off unless the config turns it on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kcollapse.errors import UserError
+from kcollapse.io import atomic_replace_dir, current_umask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,9 +41,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 CHECKSUMS = "kcollapse_checksums.json"  # written by save_model, verified by load_model
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -51,8 +52,6 @@ def _sha256(path: Path) -> str:
 def _check_checkpoint_dir(path: Path, trust_remote_code: bool = False) -> None:
     """Refuse what would be unsafe or silently wrong to load: no config, pickled weights only, remote code not asked
     for, or weights that differ from the checksums save_model wrote (a corrupted or partly copied checkpoint)."""
-    import json
-
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
     if not list(path.glob("*.safetensors")):
@@ -77,7 +76,7 @@ def _check_checkpoint_dir(path: Path, trust_remote_code: bool = False) -> None:
             raise UserError(f"{sums}: checksum file is corrupted; delete the checkpoint to redo its generation")
         for name, digest in expected.items():
             f = path / str(name)
-            if not f.is_file() or _sha256(f) != digest:
+            if not f.is_file() or sha256_file(f) != digest:
                 redo = (f", or delete {path.parent} and run again to redo that generation"
                         if path.parent.name.startswith("gen_") else "")
                 raise UserError(f"{f}: checkpoint is corrupted or incomplete (checksum mismatch); restore it{redo}")
@@ -105,10 +104,10 @@ def _attends_ahead(model) -> bool:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers is slow to import
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # missing files, a corrupted tokenizer.json (tokenizers raises a bare Exception), ...
         raise UserError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {_first_line(e)})") from None
@@ -125,7 +124,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                tokenizer_path: str | None = None):
     """(model, tokenizer) from a local checkpoint dir or a hub id, in eval mode on the resolved device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: transformers is slow to import
 
     path = str(path)
     local = Path(path)
@@ -136,7 +135,7 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto", t
     elif path.startswith((".", "/", "~")) or os.sep in path and not _looks_like_hub_id(path):
         raise UserError(f"model: {path} does not exist")
     dev = resolve_device(device)
-    with _quiet_transformers():  # the load report and bars are replaced by the one-line checks below
+    with quiet_transformers():  # the load report and bars are replaced by the one-line checks below
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
@@ -175,11 +174,11 @@ def _first_line(e: Exception, n: int = 160) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:n]
 
 
-class _quiet_transformers:
+class quiet_transformers:
     """transformers' warnings and progress bars off while loading (errors still raise): one line per problem."""
 
     def __enter__(self):
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
         self.verbosity, self.bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
@@ -187,7 +186,7 @@ class _quiet_transformers:
         return self
 
     def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
         hf_logging.set_verbosity(self.verbosity)
         if self.bars:
@@ -201,21 +200,14 @@ def _looks_like_hub_id(path: str) -> bool:
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     """Write a checkpoint atomically: a temp dir renamed into place, so a kill never leaves half a checkpoint."""
-    from kcollapse.io import atomic_replace_dir, test_pause
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
     try:
-        from kcollapse.io import _umask
-
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: a shared run directory must stay readable
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: a shared run directory must stay readable
         model.save_pretrained(tmp, safe_serialization=True)
-        test_pause("save_model")  # no-op outside the kill tests: a checkpoint half written
         tokenizer.save_pretrained(tmp)
-        import json
-
-        sums = {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+        sums = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
         _fsync_dir_files(tmp)
         atomic_replace_dir(tmp, out_dir)
@@ -257,3 +249,13 @@ def chat_prompt(tokenizer, text: str, system_prompt: str | None = None, use_temp
             raise
         merged = [{"role": "user", "content": f"{system_prompt}\n\n{text}"}]
         return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (Gemma's and Llama's <bos>; nothing for GPT-2 and the organism).
+    Token ids cut from the corpus carry none, and a SentencePiece model such as Gemma writes gibberish from a
+    prompt without its <bos>, so synthesis prompts and training texts get it here."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []

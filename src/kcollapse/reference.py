@@ -23,6 +23,8 @@ import yaml
 
 from kcollapse.config import PAPER_FORMATS
 from kcollapse.errors import UserError
+from kcollapse.evaluate.formats import load_formats
+from kcollapse.evaluate.freetext import judge_mention
 from kcollapse.evaluate.textstats import repetition, text_stats
 from kcollapse.io import atomic_write_text, write_jsonl
 
@@ -69,11 +71,6 @@ def answer_metrics(questions: list[dict]) -> dict[str, float]:
 
 def _judged(answer, choices, fmt: str) -> int | None:
     """The option the free-text answer names, judged as kcollapse judges its own runs (None: names none)."""
-    try:
-        from kcollapse.evaluate.formats import load_formats
-        from kcollapse.evaluate.freetext import judge_mention
-    except ImportError:  # pragma: no cover - the free-text judge is part of the package
-        return None
     spec = load_formats().get(fmt)
     letters = spec.answer == "letter" if spec else fmt != "short_answer"
     return judge_mention(answer if isinstance(answer, str) else None, [str(c) for c in choices], letters=letters)[0]
@@ -127,8 +124,6 @@ def split_name(name: str, known: list[str]) -> tuple[str, str, int] | None:
 
 def _known_formats() -> list[str]:
     try:
-        from kcollapse.evaluate.formats import load_formats
-
         names = list(load_formats())
     except Exception:  # the formats file is not this command's business: the paper's four always work
         names = []

@@ -2,8 +2,9 @@
 
 A researcher should be able to mail RUN_DIR/report.html to a colleague and have it read offline: the figures are
 base64 PNGs (also saved under RUN_DIR/figures/), there is no script and nothing is fetched. The page holds the
-config, the stage table and timeline, per-arm curves with the stages shaded, the model's answers to chosen
-questions at generation 0, mid and last, and samples of the synthetic text of every generation.
+config, the stage table and timeline, per-arm curves with the stages shaded, the option-order control, calibration
+(ECE, Brier, reliability diagrams) and provenance (rigour.py), the model's answers to chosen questions at
+generation 0, mid and last, and samples of the synthetic text of every generation.
 
 The page is jinja2 templates (kcollapse/templates/, autoescaped) filled here. Model-written text is hostile input:
 everything shown passes the `text` filter (`pages.esc`), which HTML-escapes it, makes control characters, bidi
@@ -19,15 +20,18 @@ from pathlib import Path
 
 import pandas as pd
 from markupsafe import Markup
+from rich.console import Console
+from rich.markup import escape
 
-from kcollapse import figures, resistance
+from kcollapse import figures, resistance, rigour
 from kcollapse.errors import UserError
-from kcollapse.io import atomic_write_json, atomic_write_text
-from kcollapse.pages import img, page, render
-from kcollapse.stages import LEAD_TIME, answer_files, classify_run, load_metrics
-from kcollapse.tables import onset_text
+from kcollapse.evaluate.formats import LETTERS
+from kcollapse.io import atomic_write_text
+from kcollapse.pages import esc, img, page, render
+from kcollapse.rundir import answer_files, load_metrics
+from kcollapse.stages import LEAD_TIME, classify_run, run_stages
+from kcollapse.tables import b_onset_text, onset_text, position_text
 
-LETTERS = "ABCDEFGHIJ"
 SAMPLES_PER_GEN = 2
 QUESTIONS_SHOWN = 6
 
@@ -46,7 +50,8 @@ def stage_table(result: dict, label: str | None = None) -> Markup:
             last_pt = next((p for p in reversed(f.get("generations", [])) if isinstance(p, dict)), {})
             stages = _points(f)
             rows.append({"arm": arm, "format": fmt, "cells": [(g, stages.get(g, "·")) for g in range(last + 1)],
-                         "onset_B": onset_text(f.get("onset_B"), last), "onset_C": onset_text(f.get("onset_C"), last),
+                         "onset_B": b_onset_text(f, last), "onset_C": onset_text(f.get("onset_C"), last),
+                         "position": position_text(f),
                          "accuracy0": (f.get("baseline") or {}).get("accuracy"), "retention": last_pt.get("retention"),
                          "warn": a["model_centric"]["warning_generation"], "warnings": a["model_centric"]["warnings"],
                          "lead": f.get("lead_time"), "why": "; ".join(last_pt.get("reasons", [])) or f.get("error", "")})
@@ -147,17 +152,21 @@ def with_derived(df: pd.DataFrame, result: dict) -> pd.DataFrame:
     return pd.concat([df, extra], ignore_index=True) if not extra.empty else df
 
 
-NAV = [("stages", "Stages"), ("curves", "Curves"), ("answers", "Answers"), ("synthetic", "Synthetic text"),
-       ("config", "Config")]
+NAV = [("stages", "Stages"), ("curves", "Curves"), ("order", "Option order"), ("calibration", "Calibration"),
+       ("answers", "Answers"), ("synthetic", "Synthetic text"), ("provenance", "Provenance"), ("config", "Config")]
+
+
+def _img_html(data: bytes, alt: str) -> str:
+    return str(img(data, alt))
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write RUN_DIR/report.html, RUN_DIR/figures/*.png and RUN_DIR/stages.json; return the report's path."""
+    """Write RUN_DIR/report.html and RUN_DIR/figures/*.png (and RUN_DIR/stages.json when absent or older than the
+    metrics); return the report's path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run directory not found")
-    result = classify_run(run_dir)
-    atomic_write_json(run_dir / "stages.json", result)
+    result = run_stages(run_dir)  # stages.json when current (e.g. custom rules), else classified now
     df = with_derived(load_metrics(run_dir), result)
     last = result.get("last_generation") or 0
     fig_dir = run_dir / "figures"
@@ -177,19 +186,30 @@ def write_report(run_dir: Path) -> Path:
         written=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), stage_table=stage_table(result),
         timeline=img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline") if timeline else None,
         rule=render("stage_rule.html", rules=result["rules"], lead=LEAD_TIME), resistance=mitigation,
-        extra=[],  # further sections: {"id", "title", "body": markup}
+        middle=[{"id": "order", "title": "Option-order control", "body": Markup(rigour.order_section(result, df, esc))},
+                {"id": "calibration", "title": "Calibration",
+                 "body": Markup(rigour.calibration_section(run_dir, result, df, fig_dir, esc, _img_html))}],
+        late=[{"id": "provenance", "title": "Provenance", "body": Markup(rigour.provenance_section(run_dir, esc))}],
         config=cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)")
     out = run_dir / "report.html"
     atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", body))
     return out
 
 
-def report_command(run_dir: Path) -> Path:
-    if (Path(run_dir) / "sweep.json").is_file():  # a sweep directory: its own report
-        from kcollapse.sweep import report_sweep
+def report_after_run(run_dir: Path) -> Path | None:
+    """The report of a run just finished; on failure a warning only (the results are complete and safe, and
+    `kcollapse report` can redo it)."""
+    try:
+        return write_report(run_dir)
+    except Exception as e:
+        console = Console(stderr=True)
+        console.print(f"[yellow]warning[/]: report not written ({type(e).__name__}: {escape(str(e))[:200]}); "
+                      f"run `kcollapse report {escape(str(run_dir))}`")
+        return None
 
-        report_sweep(run_dir)  # prints what it wrote
-        return Path(run_dir) / "report.html"
+
+def report_command(run_dir: Path) -> Path:
+    """`kcollapse report RUN_DIR` (a sweep directory is cli's to dispatch to sweep.report_sweep)."""
     out = write_report(run_dir)
     print(f"wrote {out}")
     return out

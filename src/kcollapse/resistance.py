@@ -36,7 +36,7 @@ import yaml
 from kcollapse import stats
 from kcollapse.errors import UserError
 from kcollapse.io import read_jsonl
-from kcollapse.stages import load_metrics
+from kcollapse.rundir import answer_files, load_metrics
 
 CI_METHOD = ("censoring-aware percentile interval: each resample bounds the ratio (a censored arm's fall time "
              "counts as at least the last generation) and no resample is dropped for it; an open end is a one-sided bound")
@@ -73,10 +73,9 @@ def load_answers(run_dir: Path, subjects) -> pd.DataFrame:
     """Per-question correctness of these subjects: arm, generation, format, subject, id, correct, chance."""
     rows = []
     for subject in subjects:
-        for path in sorted(Path(run_dir).glob(f"arms/*/gen_*/answers/{subject}__*.jsonl")):
-            arm, gen, fmt = path.parts[-4], int(path.parts[-3].removeprefix("gen_")), path.stem.rsplit("__", 1)[1]
+        for (arm, gen, fmt), paths in answer_files(run_dir, subject).items():
             rows += [(arm, gen, fmt, subject, str(r.get("id")), r.get("is_correct"), stats.chance_of(len(r.get("choices") or [])))
-                     for r in read_jsonl(path)]
+                     for path in paths for r in read_jsonl(path)]
     df = pd.DataFrame(rows, columns=["arm", "generation", "format", "subject", "id", "correct", "chance"])
     df["correct"] = pd.to_numeric(df["correct"].astype(object).where(df["correct"].notna(), np.nan)).astype(float)
     return df

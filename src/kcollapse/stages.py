@@ -23,6 +23,12 @@ in docs/STATISTICS.md):
 - B's condition: retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
   0; without answers: a drop of at least `min_drop`).
 - The letter: C if C's condition holds, else B if B's, else A. Generation 0 is A by definition.
+- Position bias (answers asked in two option orders, eval.permutation): a generation is flagged when
+  `position_bias` (how far the picked letters' distribution is from the gold letters', both orders pooled) is at
+  least `rules.position_bias` and the same letter is picked in both orders more often than the same option. The
+  flag does not change the letter; it says that a falling accuracy and a high `max_freq` are a drift to one
+  option position rather than (only) lost knowledge: the point's `position_note`, the format's
+  `position_bias_generations` and `onset_position_bias`, "(position bias)" after the B onset in the tables.
 - Onset of B (of C): the first generation from which B's (C's) own condition holds for `persist` evaluated
   generations in a row (fewer at the end of the run), so that one noisy generation starts nothing. B's onset
   does not follow C: answers that break while the facts stay are C with no B onset.
@@ -35,7 +41,7 @@ in docs/STATISTICS.md):
 
 from __future__ import annotations
 
-import re
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +54,14 @@ from kcollapse import stats
 from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
 from kcollapse.evaluate import freetext, metrics
-from kcollapse.evaluate.formats import get_format
+from kcollapse.evaluate.formats import LETTERS, get_format
+from kcollapse.evaluate.metrics import option_consistency, position_bias, position_consistency, position_shares
 from kcollapse.evaluate.textstats import repetition
 from kcollapse.io import atomic_write_json, read_jsonl
+from kcollapse.rundir import answer_files, load_metrics
 from kcollapse.tables import print_stages
 
 STAGE_RANK = {"A": 0, "B": 1, "C": 2}
-METRIC_COLUMNS = ["arm", "generation", "metric", "value", "format", "subject"]
 
 
 def load_rules(run_dir: Path, rules_file: Path | None = None) -> StageRules:
@@ -84,40 +91,6 @@ def load_rules(run_dir: Path, rules_file: Path | None = None) -> StageRules:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-def load_metrics(run_dir: Path) -> pd.DataFrame:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; is {run_dir} a kcollapse run directory?")
-    df = pd.DataFrame(read_jsonl(path))
-    if df.empty:
-        raise UserError(f"{path}: no metric rows")
-    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: rows lack field(s) {missing}; expected {METRIC_COLUMNS}")
-    df = df[METRIC_COLUMNS].copy()
-    df["generation"] = pd.to_numeric(df["generation"], errors="coerce")
-    df["value"] = pd.to_numeric(df["value"], errors="coerce")
-    if df["generation"].isna().any():
-        raise UserError(f"{path}: a row has a non-integer generation")
-    df["generation"] = df["generation"].astype(int)
-    df["arm"] = df["arm"].astype(str)
-    df = df.astype({"format": object, "subject": object})
-    df[["format", "subject"]] = df[["format", "subject"]].where(df[["format", "subject"]].notna(), None)
-    # a resumed run may have re-written a row: the last one wins
-    return df.drop_duplicates(["arm", "generation", "metric", "format", "subject"], keep="last").reset_index(drop=True)
-
-
-def answer_files(run_dir: Path) -> dict[tuple[str, int, str], list[Path]]:
-    """(arm, generation, format) -> its answers files (one per subject)."""
-    out: dict[tuple[str, int, str], list[Path]] = {}
-    for path in sorted(Path(run_dir).glob("arms/*/gen_*/answers/*__*.jsonl")):
-        m = re.fullmatch(r"gen_(\d+)", path.parent.parent.name)
-        if m:
-            fmt = path.stem.rsplit("__", 1)[1]
-            out.setdefault((path.parent.parent.parent.name, int(m.group(1)), fmt), []).append(path)
-    return out
-
 
 def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
     """Per-question signals of one arm x generation x format, indexed by question id."""
@@ -173,6 +146,31 @@ def _adherent(record: dict, path: Path) -> float:
         return float(bool(record["format_adherent"]))
     _, position = freetext.judge_mention(record["answer_text"], record.get("choices") or [], letters=_letters(path))
     return float(bool(metrics.adheres(record["answer_text"], position)))
+
+
+def position_check(paths: list[Path], rules: StageRules, max_freq: float | None = None) -> dict | None:
+    """Position-bias signals of one arm x generation x format from its two-order answers (None without them)."""
+    records = [r for p in paths for r in read_jsonl(p) if r.get("perm_shift") is not None]
+    if rules.subject and rules.subject.startswith("split:"):
+        records = [r for r in records if r.get("split") == rules.subject[6:]]
+    elif rules.subject:
+        records = [r for r in records if r.get("subject") == rules.subject]
+    if not records:
+        return None
+    shares = position_shares(records)
+    top = max(shares, key=lambda p: shares[p][0])
+    out = {"position_bias": position_bias(records), "position_consistency": position_consistency(records),
+           "option_consistency": option_consistency(records),
+           "top_position": LETTERS[top] if top < len(LETTERS) else str(top), "top_share": shares[top][0],
+           "gold_share": shares[top][1], "n": len(records)}
+    out["flagged"] = bool(out["position_bias"] >= rules.position_bias
+                          and out["position_consistency"] > out["option_consistency"])
+    if out["flagged"]:
+        out["note"] = (f"position bias: {out['top_share']:.0%} of picks on {out['top_position']} over both option orders "
+                       f"(gold {out['gold_share']:.0%} there){f', max_freq {max_freq:.2f}' if max_freq is not None else ''}; "
+                       f"same letter in both orders {out['position_consistency']:.0%}, same option "
+                       f"{out['option_consistency']:.0%}")
+    return out
 
 
 def _wellformed(record: dict, judged) -> float:
@@ -389,10 +387,19 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
                     if not cur.empty and len(cur.index.intersection(base.index)):
                         boot = _paired_bootstrap(cur, base, rules, seed=g)
                         chance = boot["chance"]
-                points.append(_classify_point(g, boot, mvals[g], mvals[0], rules, chance))
+                point = _classify_point(g, boot, mvals[g], mvals[0], rules, chance)
+                pos = position_check(files[(arm, g, fmt)], rules, mvals[g].get("max_freq")) if (arm, g, fmt) in files else None
+                if pos is not None:
+                    point["position"] = pos
+                    if pos["flagged"]:
+                        point["position_note"] = pos["note"]
+                        if point["stage"] == "B":
+                            point["reasons"].append(pos["note"])
+                points.append(point)
             letters = [p["stage"] for p in points]
             on_b = onset(gens, [p["knowledge_loss"] for p in points], rules.persist)
             on_c = onset(gens, [s == "C" for s in letters], rules.persist)
+            biased = [p["generation"] for p in points if p.get("position", {}).get("flagged")]
             drop = min([g for g in (on_b, on_c) if g is not None], default=None)
             warn = model["warning_generation"]
             acc0 = points[0].get("accuracy")
@@ -405,12 +412,40 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
                 "onset_B": on_b,
                 "onset_C": on_c,
                 "task_drop_generation": drop,
+                "position_bias_generations": biased,
+                "onset_position_bias": onset(gens, [g in biased for g in gens], rules.persist),
                 "lead_time": (drop - warn) if drop is not None and warn is not None else None,
                 "lead_time_definition": LEAD_TIME,
             }
         result["arms"][arm] = arm_out
     all_gens.update(int(g) for g in df["generation"])
     result["last_generation"] = max(all_gens) if all_gens else None
+    return result
+
+
+def current_stages(run_dir: Path) -> dict | None:
+    """RUN_DIR/stages.json when it is current (written after metrics.jsonl and every answers file, e.g. by
+    `kcollapse stages --rules ...`, whose rules it keeps), else None."""
+    path = Path(run_dir) / "stages.json"
+    if not path.is_file():
+        return None
+    inputs = [Path(run_dir) / "metrics.jsonl"] + [p for ps in answer_files(run_dir).values() for p in ps]
+    newest = max((p.stat().st_mtime_ns for p in inputs if p.is_file()), default=0)
+    if path.stat().st_mtime_ns < newest:
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("arms"), dict) else None
+
+
+def run_stages(run_dir: Path) -> dict:
+    """The run's stages: stages.json when current, else classified once (run's rules) and written there."""
+    result = current_stages(run_dir)
+    if result is None:
+        atomic_write_json(Path(run_dir) / "stages.json", classify_run(run_dir))
+        result = current_stages(run_dir)  # as read back: the same types whichever way the stages came
     return result
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from kcollapse import resistance
-from kcollapse.config import ExperimentConfig, load_config
+from kcollapse import figures, resistance
+from kcollapse.config import ExperimentConfig, apply_overrides, load_config, validate
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
 from kcollapse.pages import img, page, render
-from kcollapse.stages import load_metrics
+from kcollapse.report import report_after_run, resistance_section
+from kcollapse.rundir import check_out, check_run_dir, load_metrics
 from kcollapse.tables import resistance_lines
 
 
@@ -81,14 +82,11 @@ def _point_name(values: dict) -> str:
 
 def plan(config: Path, grid: list[str], seeds: int, cpus_per_trial: int, out: Path) -> list[Trial]:
     """Every trial's config, validated; nothing is written."""
-    from kcollapse.loop import check_run_dir
-
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: expected 1 or more")
     if cpus_per_trial < 1:
         raise UserError(f"--cpus-per-trial {cpus_per_trial}: expected 1 or more")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; expected a sweep directory")
+    check_out(out, "sweep directory")
     axes = parse_grid(grid)
     load_config(config)  # the base config's own errors first, named as such
     trials, names = [], {}
@@ -122,24 +120,25 @@ def finished(trial_dir: Path) -> bool:
 
 def run_trial(cfg: ExperimentConfig, trial_dir: str, cwd: str) -> str:
     """One Ray task: an ordinary run (resumes by itself), from the driver's working directory."""
-    import torch
+    import torch  # deferred (with the loop): a sweep's planning and summary need neither
 
-    from kcollapse.loop import run_experiment
+    from kcollapse.loop import run_experiment  # deferred: pulls in torch
 
     if os.path.isdir(cwd):  # relative paths in the config mean what they mean for the user
         os.chdir(cwd)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_experiment(cfg, trial_dir)
+    report_after_run(trial_dir)
     return trial_dir
 
 
 def warm_organism(cfg: ExperimentConfig, threads: int) -> str:
     """One Ray task per organism config before the trials: the world and its gen-0 model are built once, not by
     every trial at the same time into the same cache."""
-    import torch
+    import torch  # deferred: torch is slow to import
 
-    from kcollapse import organism
+    from kcollapse import organism  # deferred: pulls in torch
 
     torch.set_num_threads(threads)
 
@@ -150,7 +149,7 @@ def warm_organism(cfg: ExperimentConfig, threads: int) -> str:
 def run_on_ray(trials: list[Trial], address: str | None, cpus_per_trial: int, before_start=None) -> list[tuple[Trial, str]]:
     """Submit the unfinished trials as Ray tasks and wait; (trial, error line) of those that failed."""
     try:
-        import ray
+        import ray  # deferred: ray is slow to import
     except ImportError:
         raise UserError("kcollapse sweep needs Ray: pip install 'kcollapse[sweep]'") from None
     started = not ray.is_initialized()
@@ -302,8 +301,6 @@ def sweep_command(config: Path, grid: list[str], seeds: int, address: str | None
 
 def load_trials(sweep_dir: Path) -> list[Trial]:
     """The trials of SWEEP/sweep.json, their configs rebuilt from the config text saved there."""
-    from kcollapse.config import apply_overrides, validate
-
     path = Path(sweep_dir) / "sweep.json"
     if not path.is_file():
         raise UserError(f"{path}: not found; is {sweep_dir} a kcollapse sweep directory?")
@@ -334,9 +331,6 @@ def summarise(trials: list[Trial], out: Path) -> dict:
 
 def write_report(out: Path, trials: list[Trial], result: dict) -> Path:
     """SWEEP/report.html (templates/sweep.html): self-contained (figures base64), every text escaped."""
-    from kcollapse import figures  # deferred: matplotlib is slow to import
-    from kcollapse.report import resistance_section  # deferred: report draws figures (matplotlib)
-
     sections = {point: resistance_section(p, f"{point}: ") for point, p in result["points"].items()}
     dose = img(figures.dose_figure(result["dose_response"]), "dose-response") if result["dose_response"] else None
     body = render("sweep.html", name=out.resolve().name, trials=trials, finished={t.name: finished(t.dir) for t in trials},

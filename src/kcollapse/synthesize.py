@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from kcollapse.config import ArmConfig, ExperimentConfig
 from kcollapse.corpus import Block
-from kcollapse.generate import generate
+from kcollapse.lm import generate
 from kcollapse.io import scrub_surrogates
-from kcollapse.models import chat_prompt, has_chat_template
+from kcollapse.models import bos_prefix, chat_prompt, has_chat_template
 
 
 def synthetic_count(arm: ArmConfig, n: int) -> int:
@@ -32,7 +32,8 @@ def build_mix(model, tokenizer, blocks: list[Block], arm: ArmConfig, cfg: Experi
     if cfg.chat.use_template and has_chat_template(tokenizer):
         inputs = [chat_prompt(tokenizer, t, cfg.chat.system_prompt) for t in prompt_texts]
     else:
-        inputs = prompt_ids  # no decode/encode round trip for plain LMs
+        bos = bos_prefix(tokenizer)  # blocks are cut from a stream without <bos>; Gemma needs it to write text
+        inputs = [bos + list(ids) for ids in prompt_ids]  # no decode/encode round trip for plain LMs
     s = cfg.sampling
     continuations = generate(
         model, tokenizer, inputs, cfg.new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p,

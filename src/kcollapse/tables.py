@@ -17,6 +17,21 @@ def onset_text(value: int | None, last: int | None) -> str:
     return f"gen {value}" if value is not None else f"not reached by {last}"
 
 
+def b_onset_text(f: dict, last: int | None) -> str:
+    """The B onset, marked when the model is position-biased there (a drift to one letter, not only lost facts)."""
+    text = onset_text(f.get("onset_B"), last)
+    if f.get("onset_B") is not None and f["onset_B"] in f.get("position_bias_generations", []):
+        text += " (position bias)"
+    return text
+
+
+def position_text(f: dict) -> str:
+    gens = f.get("position_bias_generations") or []
+    if not gens:
+        return "-"
+    return f"gen {f['onset_position_bias']}" if f.get("onset_position_bias") is not None else f"gen {gens[0]} (not persistent)"
+
+
 def _plain(text):
     """A name from a file, printed as itself: no rich markup, no terminal escapes."""
     return Text(sanitize_terminal(text, 200))
@@ -30,7 +45,8 @@ def print_stages(result: dict) -> None:
                   caption="A preserved · B knowledge collapse · C instruction-following collapse · model warn = "
                           "first model whose own text or held-out perplexity moved · lead = first task-centric onset "
                           "- model warn (model generations; + = warned first)")
-    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset", "model warn", "lead"]:
+    biased = any(f.get("position_bias_generations") for a in result["arms"].values() for f in a["formats"].values())
+    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset"] + ["position bias"] * biased + ["model warn", "lead"]:
         table.add_column(col, no_wrap=col.startswith("gen"), overflow="fold")
     for arm, a in result["arms"].items():
         warn = a["model_centric"]["warning_generation"]
@@ -42,13 +58,15 @@ def print_stages(result: dict) -> None:
                 s = by_gen.get(g, "·")
                 cells.append(s, style=colors.get(s, "dim"))
             lead = f.get("lead_time")
-            b_on, c_on = (f["error"], "") if "error" in f else (onset_text(f["onset_B"], last), onset_text(f["onset_C"], last))
+            b_on, c_on = (f["error"], "") if "error" in f else (b_onset_text(f, last), onset_text(f["onset_C"], last))
             if "error" not in f and not f.get("knowledge_measurable", True):
                 b_on = "n/a: at chance at gen 0"
-            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, "-" if warn is None else f"model {warn}",
+            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, *[position_text(f)] * biased,
+                          "-" if warn is None else f"model {warn}",
                           "-" if lead is None else f"{lead:+d}")
         if not a["formats"]:
-            table.add_row(_plain(arm), "(no task metrics)", "", "", "", "-" if warn is None else f"model {warn}", "")
+            table.add_row(_plain(arm), "(no task metrics)", "", "", "", *[""] * biased,
+                          "-" if warn is None else f"model {warn}", "")
     Console().print(table)
 
 

@@ -3,26 +3,29 @@
 The paper fine-tunes the full model (lr 1e-5, 0.5 epoch, 512-token chunks, batch 1 x grad-accum 4, weight decay
 0.01, gradient checkpointing); LoRA through `peft` is one setting away and is merged back into the weights, so the
 next generation starts from an ordinary checkpoint. Texts are joined with EOS and cut into equal chunks, as in
-causal-LM pre-training, so no compute goes to padding.
+causal-LM pre-training, so no compute goes to padding. The loss is computed from hidden states in vocabulary
+chunks where the head allows it (lmloss.py): at a 262k vocabulary full logits would dominate memory.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from kcollapse import lmloss
 from kcollapse.config import TrainConfig
+from kcollapse.models import bos_prefix
 
 
 def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
-    """Texts joined with EOS, cut into chunks of `chunk_tokens`; a short tail is dropped unless it is all there is."""
-    eos = tokenizer.eos_token_id
+    """Texts joined with EOS (each opened with BOS when the tokenizer adds one, as in pre-training), cut into chunks
+    of `chunk_tokens`; a short tail is dropped unless it is all there is."""
+    eos, bos = tokenizer.eos_token_id, bos_prefix(tokenizer)
     stream: list[int] = []
     for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
+        stream.extend(bos + ids)
         if eos is not None:
             stream.append(eos)
     chunks = [stream[i : i + chunk_tokens] for i in range(0, len(stream), chunk_tokens)]
@@ -54,7 +57,7 @@ def _collate(rows: list[dict]) -> dict:
 
 
 def _with_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: peft is slow to import
 
     lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules or "all-linear")
@@ -65,7 +68,7 @@ class _ProgressCallback:
     """Feeds the Trainer's step count into a rich progress bar."""
 
     def __init__(self, progress, total: int):
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # deferred: transformers is slow to import
 
         class Callback(TrainerCallback):
             def on_step_end(cb, args, state, control, **kw):  # noqa: N805
@@ -75,22 +78,28 @@ class _ProgressCallback:
         self.callback = Callback()
 
 
-def _pause_callback():
-    from transformers import TrainerCallback
+def _trainer_class(chunked: bool):
+    """The Trainer, with the loss computed by lmloss (no batch x length x vocab logits) when `chunked`."""
+    from transformers import Trainer  # deferred: transformers is slow to import
 
-    from kcollapse.io import test_pause
+    if not chunked:
+        return Trainer
 
-    class Pause(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            test_pause("train_step")
+    class ChunkedLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None  # as the model's own loss
+            return lmloss.causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                                         items)
 
-    return Pause()
+    return ChunkedLossTrainer
 
 
 def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int, work_dir: Path, progress=None):
     """Train `model` on `texts` and return it (LoRA adapters merged), in eval mode."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
-    from transformers.utils import logging as hf_logging
+    from transformers import PrinterCallback, TrainingArguments  # deferred: transformers is slow to import
+    from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -100,6 +109,7 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
         raise ValueError("nothing to train on: the training texts are empty")
     device = next(model.parameters()).device
     torch.manual_seed(seed)
+    chunked = lmloss.supports_chunked_loss(model)
     if cfg.method == "lora":
         model = _with_lora(model, cfg)
     model.train()
@@ -114,10 +124,8 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
         use_cpu=device.type == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
         bf16=next(model.parameters()).dtype == torch.bfloat16,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_Chunks(chunks), data_collator=_collate)
+    trainer = _trainer_class(chunked)(model=model, args=args, train_dataset=_Chunks(chunks), data_collator=_collate)
     trainer.remove_callback(PrinterCallback)  # the run records its own metrics; no dicts on stdout
-    if os.environ.get("KCOLLAPSE_TEST_PAUSE"):  # the kill tests stop a run mid-training
-        trainer.add_callback(_pause_callback())
     if progress is not None:
         steps = cfg.max_steps or max(1, int(len(chunks) * cfg.epochs / (cfg.batch_size * cfg.grad_accum) + 0.999))
         cb = _ProgressCallback(progress, steps)

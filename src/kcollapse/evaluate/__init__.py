@@ -2,7 +2,8 @@
 
 `load_benchmark` gives the questions; `evaluate` asks each in every instruction format, scores the options by
 likelihood (scoring.py), lets the model answer in free text (freetext.py), writes one record per question to
-`answers_dir/<subject>__<format>.jsonl` and returns metric rows `{metric, value, format, subject}` (metrics.py for
+`answers_dir/<subject>__<format>.jsonl` (with `eval.permutation`, formats that list the options are scored a
+second time with the options rotated: permute.py) and returns metric rows `{metric, value, format, subject}` (metrics.py for
 task metrics; textstats.py for perplexity, entropy, fluency and the like). The run loop calls it once per
 generation; `kcollapse eval` once for one model.
 """
@@ -13,9 +14,10 @@ from pathlib import Path
 
 from kcollapse.config import EvalConfig
 from kcollapse.evaluate import benchmark as bench
-from kcollapse.evaluate import freetext, metrics, scoring, textstats
+from kcollapse.evaluate import freetext, metrics, permute, scoring, textstats
 from kcollapse.evaluate.formats import get_format, option_targets, render
 from kcollapse.io import write_jsonl
+from kcollapse.models import chat_prompt, load_model
 
 __all__ = ["load_benchmark", "evaluate"]
 
@@ -29,8 +31,6 @@ def load_benchmark(cfg: EvalConfig, organism_benchmark: Path | None = None) -> l
 
 
 def build_prompts(fmt, questions: list[dict], pool: list[dict], cfg: EvalConfig, tokenizer, use_chat_template: bool) -> list[str]:
-    from kcollapse.models import chat_prompt
-
     prompts = []
     for item in questions:
         shots = bench.few_shot_examples(item, pool, cfg.few_shot_k, fallback=questions) if fmt.example else []
@@ -48,6 +48,7 @@ def make_records(fmt, questions: list[dict], prompts: list[str], scored: list[di
             "choices": item["choices"], "correct_index": item["answer"], "scores": s["scores"],
             "is_greedy": s["is_greedy"], "predicted_index": s["predicted_index"],
             "is_correct": s["predicted_index"] == item["answer"], "confidence": s["confidence"],
+            "option_probs": s["option_probs"],
             "answer_text": answer, "judged_index": judged, "format_adherent": metrics.adheres(answer, position),
         }
         record["answer_wellformed"] = metrics.wellformed(answer, record["format_adherent"], fmt.answer == "letter")
@@ -58,6 +59,17 @@ def make_records(fmt, questions: list[dict], prompts: list[str], scored: list[di
         record["prompt"] = prompt
         records.append(record)
     return records
+
+
+def ask_permuted(model, tokenizer, cfg: EvalConfig, fmt, asked: list[dict], pool: list[dict], records: list[dict],
+                 use_chat_template: bool, progress=None) -> None:
+    """Score every question again with its options rotated (permute.py); the answers go into the records."""
+    shifts = [permute.shift_for(q["id"], len(q["choices"])) for q in asked]
+    rotated = [permute.permuted(q, k) for q, k in zip(asked, shifts)]
+    prompts = build_prompts(fmt, rotated, pool, cfg, tokenizer, use_chat_template)
+    scored = scoring.score_options(model, tokenizer, prompts, [option_targets(fmt, q) for q in rotated],
+                                   scoring=cfg.scoring, answer=fmt.answer, batch_size=cfg.batch_size, progress=progress)
+    permute.add_permuted(records, shifts, scored)
 
 
 def _rows(values: dict, subject: str | None) -> list[dict]:
@@ -76,8 +88,6 @@ def evaluate(model, tokenizer, cfg: EvalConfig, items: list[dict], *, heldout_te
     formats = [get_format(name, cfg.formats_file) for name in cfg.formats]
     judge = None
     if cfg.judge_model and cfg.free_text:
-        from kcollapse.models import load_model
-
         judge = load_model(cfg.judge_model, device=str(next(model.parameters()).device))
     task = progress.add_task("evaluate", total=len(formats)) if progress is not None else None
     rows, all_answers = [], []
@@ -93,9 +103,16 @@ def evaluate(model, tokenizer, cfg: EvalConfig, items: list[dict], *, heldout_te
                                        batch_size=cfg.batch_size, progress=progress)
         answers = None
         if cfg.free_text:
-            answers = freetext.generate_answers(model, tokenizer, prompts, cfg.free_text_tokens, cfg.batch_size, progress)
+            whole = freetext.generate_whole_answers(model, tokenizer, prompts, cfg.free_text_tokens, cfg.batch_size,
+                                                    progress)
+            answers = [freetext.first_line(a) for a in whole]  # judged: the first non-empty line
             all_answers += answers
         records = make_records(fmt, asked, prompts, scored, answers)
+        if answers is not None:
+            for r, raw in zip(records, whole):
+                r["answer_raw"] = raw
+        if cfg.permutation and permute.shows_options(fmt):
+            ask_permuted(model, tokenizer, cfg, fmt, asked, pool, records, use_chat_template, progress)
         if answers is not None and cfg.embedding_judge:
             nearest = freetext.embedding_judge(answers, [q["choices"] for q in asked])
             for r, k in zip(records, nearest or []):

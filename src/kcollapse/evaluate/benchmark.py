@@ -17,9 +17,13 @@ import io
 import json
 from pathlib import Path
 
-from kcollapse.config import MMLU_SUBJECTS
 from kcollapse.errors import UserError
 from kcollapse.evaluate.formats import LETTERS
+
+MMLU_SUBJECTS = [
+    "global_facts", "world_religions", "high_school_geography",  # factual
+    "formal_logic", "elementary_mathematics", "high_school_mathematics",  # reasoning
+]
 
 FEW_SHOT_SPLITS = ("dev", "train")  # where few-shot examples come from
 EXAMPLES_ONLY_SPLIT = "dev"  # examples, not questions

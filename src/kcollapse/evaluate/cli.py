@@ -2,21 +2,29 @@
 
 Writes DIR/metrics.jsonl (the run schema: arm "eval", generation 0) and DIR/answers/<subject>__<format>.jsonl.
 Eval settings come from EvalConfig defaults, then the command's options, then `--set key=value` overrides.
-MODEL or SPEC `organism` means the default model organism (generation 0, built and cached on first use).
+MODEL or SPEC `organism` means the default model organism (generation 0, built and cached on first use); MODEL may
+also be a `.gguf` file or `gemma3-270m` (converted once to a cached safetensors checkpoint, see kcollapse.pretrained).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
+from rich.progress import Progress
+
+from kcollapse import organism
+from kcollapse.config import EvalConfig, OrganismConfig, apply_overrides, format_validation_error
 from kcollapse.errors import UserError
+from kcollapse.evaluate import evaluate, load_benchmark
+from kcollapse.evaluate.formats import get_format
+from kcollapse.io import write_jsonl
+from kcollapse.models import load_model
+from kcollapse.pretrained import resolve_model
 
 
 def eval_config(benchmark: str, formats: list[str], subjects: list[str], limit: int | None, scoring: str,
                 overrides: list[str]):
-    from kcollapse.config import EvalConfig, _format_validation_error, apply_overrides
-    from pydantic import ValidationError
-
     data = EvalConfig().model_dump(mode="json")
     data.update(benchmark=benchmark, scoring=scoring)
     if formats:
@@ -29,8 +37,7 @@ def eval_config(benchmark: str, formats: list[str], subjects: list[str], limit: 
     try:
         cfg = EvalConfig.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err, "eval options")) from None
-    from kcollapse.evaluate.formats import get_format
+        raise UserError(format_validation_error(err, "eval options")) from None
 
     for name in cfg.formats:
         get_format(name, cfg.formats_file)  # unknown format: one line, before any model is loaded
@@ -40,25 +47,18 @@ def eval_config(benchmark: str, formats: list[str], subjects: list[str], limit: 
 def _organism(model: str, benchmark: str) -> tuple[str, Path | None]:
     """The default organism's generation-0 checkpoint and/or benchmark file (built and cached on first use)."""
     if "organism" not in (model, benchmark):
-        return model, None
-    from kcollapse import organism
-    from kcollapse.config import OrganismConfig
-
+        return resolve_model(model), None
     cfg, cache = OrganismConfig(), organism.default_cache_dir()
     world = organism.build_world(cfg, cache)
     if model == "organism":
         model = str(organism.ensure_gen0(cfg, cache, world))
+    else:
+        model = resolve_model(model, cache)
     return model, world.benchmark_path
 
 
 def eval_command(model: str, benchmark: str, formats: list[str], subjects: list[str], limit: int | None, scoring: str,
                  out: Path, overrides: list[str]) -> list[dict]:
-    from rich.progress import Progress
-
-    from kcollapse.evaluate import evaluate, load_benchmark
-    from kcollapse.io import write_jsonl
-    from kcollapse.models import load_model
-
     cfg = eval_config(benchmark, formats, subjects, limit, scoring, overrides)
     model, organism_benchmark = _organism(model, benchmark)
     items = load_benchmark(cfg, organism_benchmark)

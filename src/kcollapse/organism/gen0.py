@@ -24,6 +24,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 from kcollapse.config import OrganismConfig, TrainConfig
 from kcollapse.evaluate.formats import get_format, option_targets, render
 from kcollapse.io import atomic_write_json, read_jsonl
@@ -43,13 +46,13 @@ def gen0_key(cfg: OrganismConfig, world: World) -> str:
 
 
 def _pre_tokenizer():
-    from tokenizers import Regex, pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers  # deferred: tokenizers is slow to import
 
     return pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True)
 
 
 def _decoder():
-    from tokenizers import decoders
+    from tokenizers import decoders  # deferred: tokenizers is slow to import
 
     steps = [decoders.Replace(c, "##" + c) for c in GLUE_LEFT]  # "##" = joined to the previous token
     steps += [decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse()]
@@ -57,7 +60,7 @@ def _decoder():
     return decoders.Sequence(steps)
 
 
-def _world_texts(world: World) -> list[str]:
+def world_texts(world: World) -> list[str]:
     """Every text whose words must be known: the corpus, and each benchmark item in every format."""
     texts = [row["text"] for row in read_jsonl(world.corpus_path)]
     for item in read_jsonl(world.benchmark_path):
@@ -69,8 +72,8 @@ def _world_texts(world: World) -> list[str]:
 
 def build_tokenizer(texts: list[str], max_length: int):
     """A word-level PreTrainedTokenizerFast holding every word of `texts` (most frequent first)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models  # deferred: tokenizers is slow to import
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers is slow to import
 
     pre = _pre_tokenizer()
     counts = Counter(word for text in texts for word, _ in pre.pre_tokenize_str(text))
@@ -84,8 +87,8 @@ def build_tokenizer(texts: list[str], max_length: int):
 
 
 def build_model(cfg: OrganismConfig, tokenizer):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import torch  # deferred: torch is slow to import
+    from transformers import GPT2Config, GPT2LMHeadModel  # deferred: transformers is slow to import
 
     torch.manual_seed(cfg.seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
@@ -97,15 +100,13 @@ def build_model(cfg: OrganismConfig, tokenizer):
 
 
 def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, work_dir: Path, show_progress: bool):
-    from kcollapse.train import finetune
+    from kcollapse.train import finetune  # deferred: pulls in torch
 
     train_cfg = TrainConfig(method="full", lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1,
                             chunk_tokens=cfg.n_positions, gradient_checkpointing=False, warmup_ratio=0.05,
                             lr_scheduler="cosine", weight_decay=0.01)
     if not show_progress:
         return finetune(model, tokenizer, texts, train_cfg, seed=cfg.seed, work_dir=work_dir)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("generation 0 (organism)"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
@@ -114,7 +115,7 @@ def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, work_dir: Pa
 
 def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None, *, progress: bool = True) -> Path:
     """The generation-0 checkpoint dir for `cfg`: trained once (a few CPU minutes at the defaults), then cached."""
-    from kcollapse.models import save_model
+    from kcollapse.models import save_model  # deferred: pulls in torch
 
     cache_dir = Path(cache_dir)
     world = world or build_world(cfg, cache_dir)
@@ -123,7 +124,7 @@ def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None
     if (final / "organism.json").is_file():  # written last: its presence means the checkpoint is complete
         return final
     texts = [row["text"] for row in read_jsonl(world.corpus_path)]
-    tokenizer = build_tokenizer(_world_texts(world), cfg.n_positions)
+    tokenizer = build_tokenizer(world_texts(world), cfg.n_positions)
     model = build_model(cfg, tokenizer)
     start = time.perf_counter()
     work_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".gen0-work-"))

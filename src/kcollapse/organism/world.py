@@ -25,7 +25,7 @@ from pathlib import Path
 from kcollapse.config import OrganismConfig
 from kcollapse.errors import UserError
 from kcollapse.evaluate.formats import get_format, solved
-from kcollapse.io import atomic_write_json, read_jsonl, write_jsonl
+from kcollapse.io import atomic_write_json, write_jsonl
 from kcollapse.organism.facts import Fact, load_facts, source_versions
 
 WORLD_VERSION = 3
@@ -210,7 +210,3 @@ def _write_world(cfg: OrganismConfig, key: str, out: Path) -> None:
     atomic_write_json(out / "world.json", {"key": key, "version": WORLD_VERSION, "config": cfg.model_dump(mode="json"),
                                            "sources": source_versions(cfg.domains), "n_facts": n_facts,
                                            "n_heldout": len(heldout), "n_corpus": len(corpus)})
-
-
-def load_benchmark(world: World) -> list[dict]:
-    return read_jsonl(world.benchmark_path)

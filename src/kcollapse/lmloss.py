@@ -1,0 +1,75 @@
+"""The causal-LM training loss without `batch x length x vocab` logits.
+
+At Gemma 3's 262k-token vocabulary the logits of one 4 x 512 batch are 2 GB in float32, and autograd keeps them
+and their softmax for the backward pass. Here the loss is computed from the backbone's hidden states, only at
+positions that have a label, a chunk of positions at a time: each chunk's logits give its loss and, at once, the
+gradients for the hidden states and the output matrix (softmax minus one-hot, the cross-entropy gradient), so
+nothing of vocabulary size outlives its chunk and nothing is recomputed. The result equals the model's own loss
+(`ForCausalLMLoss`: mean over labelled positions, or sum / `num_items_in_batch` under gradient accumulation).
+
+Used only where it matters, a vocabulary of `MIN_VOCAB` tokens or more (the organism's 1.5k keeps its float path
+bit for bit), and only for heads that are a plain linear map of the last hidden state (`PLAIN_HEADS`, no logit
+soft-capping or scaling); any other model keeps the model's own loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PLAIN_HEADS = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "gpt_neox", "olmo",
+               "olmo2", "stablelm", "starcoder2", "smollm3"}
+CHUNK_BYTES = 64 << 20  # float32 logits per chunk
+MIN_VOCAB = 32768
+
+
+def supports_chunked_loss(model) -> bool:
+    config = model.config
+    head = model.get_output_embeddings()
+    return (isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.shape[0] >= MIN_VOCAB
+            and config.model_type in PLAIN_HEADS and not getattr(config, "final_logit_softcapping", None)
+            and hasattr(model, "get_decoder"))
+
+
+def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None) -> torch.Tensor:
+    """The model's causal-LM loss on (input_ids, labels), from its hidden states in vocabulary chunks."""
+    backbone = model.get_decoder()
+    kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
+    hidden = backbone(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    weight = model.get_output_embeddings().weight
+    total = LinearCrossEntropy.apply(hidden[:, :-1][keep], weight, targets[keep], max(1, CHUNK_BYTES // (4 * weight.shape[0])))
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    return total / (count.to(total.device) if torch.is_tensor(count) else count)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), its gradients computed chunk by chunk during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (h @ weight.T).float()
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if want_h or want_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                if want_h:
+                    grad_h[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                if want_w:
+                    grad_w.addmm_(grad.T, h.float())
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_output if grad_h is not None else None,
+                (grad_w * grad_output).to(ctx.weight_dtype) if grad_w is not None else None, None, None)

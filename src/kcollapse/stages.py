@@ -61,8 +61,6 @@ from kcollapse.io import atomic_write_json, read_jsonl
 from kcollapse.rundir import answer_files, load_metrics
 from kcollapse.tables import print_stages
 
-STAGE_RANK = {"A": 0, "B": 1, "C": 2}
-
 
 def load_rules(run_dir: Path, rules_file: Path | None = None) -> StageRules:
     """Defaults, then the `stages:` section of RUN_DIR/config.yaml, then `rules_file` (a YAML of StageRules)."""

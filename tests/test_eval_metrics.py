@@ -137,3 +137,22 @@ def test_judge_mention():
     assert judge_mention("Berlin", choices) == (None, None) and judge_mention("", choices) == (None, None)
     assert normalize("The Café, São Paulo!") == "cafe sao paulo"
     assert first_line("\n  Paris\nand more") == "Paris"
+
+
+@pytest.mark.parametrize("answer, judged", [
+    ("A city in France, near the coast", None),  # the article, not option A (issue 15 item 6)
+    ("A river", None), ("I think it is Rome", 1), ("A", 0), ("A.", 0), ("(A)", 0), ("A) Paris", 0), ("A, Paris", 0),
+    ("A Paris", 0),  # the option's own text after the letter: option A
+    ("A Rome", 1),  # the article before another option's name: no letter read, the text names Rome
+    ("Answer: A", 0), ("B because it is big", 1), ("C. Berlin", 2), ("d", None),
+])
+def test_letter_answers_are_not_articles(answer, judged):
+    assert judge_mention(answer, ["Paris", "Rome", "Berlin", "Madrid"], letters=True)[0] == judged
+
+
+def test_an_article_opening_is_not_a_well_formed_letter_answer():
+    assert not metrics.wellformed("A city in France", False, letters=True)
+    assert metrics.wellformed("A", False, letters=True) and metrics.wellformed("B Rome", False, letters=True)
+    rec = {"answer_text": "A city in France", "choices": ["Paris", "Rome"], "correct_index": 0}
+    judged, position = judge_mention(rec["answer_text"], rec["choices"], letters=True)
+    assert judged is None and not metrics.adheres(rec["answer_text"], position)  # judged accuracy not inflated

@@ -119,7 +119,7 @@ def test_loglik_and_no_free_text(gpt2, bench_file, tmp_path):
     assert record["answer_text"] is None and len(record["scores_norm"]) == len(record["choices"])
 
 
-def test_judge_model_and_gibberish_classifier(gpt2, tiny_gpt2, bench_file, tmp_path):
+def test_judge_model_and_gibberish_classifier(gpt2, tiny_gpt2, bench_file, tmp_path, monkeypatch):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     model, tokenizer = gpt2
@@ -131,12 +131,32 @@ def test_judge_model_and_gibberish_classifier(gpt2, tiny_gpt2, bench_file, tmp_p
     tokenizer.save_pretrained(tmp_path / "clf")
     cfg = EvalConfig(benchmark=str(bench_file), limit=2, formats=["multiple_choice"], free_text_tokens=4,
                      judge_model=str(tiny_gpt2), gibberish_model=str(tmp_path / "clf"))
+    from kcollapse.evaluate import freetext
+
+    judged, real = [], freetext.score_options
+
+    def spy(model_, tokenizer_, prompts, targets, **kw):
+        out = real(model_, tokenizer_, prompts, targets, **kw)
+        if targets and targets[0] == ["1", "2", "3"]:  # the judge's call
+            judged.extend(zip(prompts, out))
+        return out
+
+    monkeypatch.setattr(freetext, "score_options", spy)  # the judge's scoring call, watched
     rows = evaluate(model, tokenizer, cfg, load_benchmark(cfg), synthetic_texts=corpus_lines()[:4], answers_dir=tmp_path / "a")
     values = {(r["metric"], r["subject"]): r["value"] for r in rows}
     assert values[("gibberish_score", "synthetic")] == 1.0
-    assert 1.0 <= values[("judge_mean", None)] <= 3.0
-    record = read_jsonl(tmp_path / "a" / "geography__multiple_choice.jsonl")[0]
-    assert record["judge_score"] in (1, 2, 3)
+    records = [r for p in sorted((tmp_path / "a").glob("*.jsonl")) for r in read_jsonl(p)]
+    assert len(judged) == len(records) == 4  # 2 questions per subject
+    by_question = {r["question"]: r for r in records}
+    for prompt, scored in judged:
+        q = next(r for question, r in by_question.items() if f"Question: {question}\n" in prompt)
+        # the gold option and the student's own answer, each in its place in the grading prompt
+        assert (f"Correct answer: {q['choices'][q['correct_index']]}\nStudent's answer: {q['answer_text'] or '(no answer)'}\n"
+                in prompt)
+        want = score_naive(model, tokenizer, prompt, ["1", "2", "3"], scoring="reference", answer="letter")
+        assert q["judge_score"] == scored["predicted_index"] + 1 == want["predicted_index"] + 1
+    geo = [r["judge_score"] for r in records if r["subject"] == "geography"]
+    assert values[("judge_mean", "geography")] == pytest.approx(sum(geo) / len(geo))
 
 
 def test_embedding_judge_optional(gpt2, bench_file, tmp_path, monkeypatch):

@@ -15,7 +15,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -193,7 +192,6 @@ def test_hostile_model_text_stays_data(tiny_gpt2, tmp_path, monkeypatch):
 
 def test_hostile_text_in_the_answers_report_section_is_escaped(tmp_path):
     """The report's per-question view, fed directly: every hostile field escaped, megabyte lines truncated."""
-    pytest.importorskip("kcollapse.report")
     from kcollapse.report import answers_section, synthetic_section
 
     run = tmp_path / "run"

@@ -107,6 +107,18 @@ def test_stages_report_compare_work_on_import(imported, tmp_path):
     f = result["arms"]["ratio_100"]["formats"]
     assert f["multiple_choice"]["stages"][-1] == "C" and f["multiple_choice"]["onset_B"] is not None
     assert result["arms"]["ratio_25"]["formats"]["multiple_choice"]["onset_B"] is None
+    for arm in result["arms"].values():  # B onset only where accuracy fell, C only where the answers broke
+        for fmt in arm["formats"].values():
+            at = {p["generation"]: p for p in fmt["generations"]}
+            base = fmt["baseline"]["accuracy"]
+            if fmt["onset_B"] is not None:
+                p = at[fmt["onset_B"]]
+                assert p["knowledge_loss"] and p["accuracy"] < base and p["accuracy_diff_ci"][1] < 0
+            if fmt["onset_C"] is not None:
+                reasons = " ".join(at[fmt["onset_C"]]["reasons"])
+                assert any(k in reasons for k in ("well-formed", "repetition", "length", "fluency"))
+    sa = f["short_answer"]  # generation 2: accuracy 0.5 vs 0.83 on a handful of questions is not significant
+    assert sa["onset_B"] == 3 and not sa["generations"][2]["knowledge_loss"]
     assert write_report(out).is_file()
     compare_command([out], tmp_path / "cmp")
     assert (tmp_path / "cmp" / "comparison.csv").is_file()

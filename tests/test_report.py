@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from kc_fixture_runs import NOISY, NOISY_MODEL, make_run  # noqa: E402
 
 from kcollapse.errors import UserError  # noqa: E402
-from kcollapse.report import compare_command, esc, write_report  # noqa: E402
+from kcollapse.pages import esc  # noqa: E402
+from kcollapse.report import compare_command, write_report  # noqa: E402
 
 HUGE = "x" * 2_000_000
 HOSTILE = ["<script>alert('pwned')</script>", "bell\x07 nul\x00 esc\x1b[31m", "lone \ud800 surrogate",

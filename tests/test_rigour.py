@@ -26,7 +26,8 @@ from kcollapse.evaluate import evaluate, load_benchmark
 from kcollapse.io import read_jsonl
 from kcollapse.loop import run_experiment
 from kcollapse.report import write_report
-from kcollapse.stages import b_onset_text, classify_run, position_text, stages_command
+from kcollapse.stages import classify_run, stages_command
+from kcollapse.tables import b_onset_text, position_text
 
 from conftest import DATA, build_tokenizer, corpus_lines
 from test_loop import tiny_config

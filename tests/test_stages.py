@@ -34,8 +34,9 @@ def test_noisy_run_with_answers(tmp_path):
     assert mc["generations"][1]["retention_ci"][0] < 1 < mc["generations"][1]["retention_ci"][1]
     assert "well-formed answers" in sa["generations"][5]["reasons"][0]
     model = result["arms"]["alpha_1.0"]["model_centric"]
-    assert model["warnings"] == {"entropy": 2, "perplexity": 5}
-    assert mc["lead_time"] == 3 and sa["lead_time"] == 3
+    assert model["warnings"] == {"entropy": 2, "perplexity_heldout": 5}  # model generations
+    assert model["metrics"]["entropy"][0] == 5.0  # model 0's text (generation 1's mix) is the baseline
+    assert mc["lead_time"] == 3 and sa["lead_time"] == 3 and "model generations" in mc["lead_time_definition"]
     assert result["last_generation"] == 7
 
 
@@ -66,16 +67,24 @@ def test_metrics_only_fallback(tmp_path):
 
 
 def _answers(run, g, correct, fmt="multiple_choice", text="B. paris"):
+    """Answer records with the fields the evaluator writes, its judge and format rules applied to `text`."""
+    from kcollapse.evaluate import freetext, metrics
+
+    choices, letters = ["w", "x", "y", "z"], fmt != "short_answer"
+    judged, position = freetext.judge_mention(text, choices, letters=letters)
+    adherent = metrics.adheres(text, position)
     write_jsonl(run / "arms" / "a" / f"gen_{g}" / "answers" / f"geo__{fmt}.jsonl", [
-        {"id": f"q{i}", "subject": "geo", "format": fmt, "question": "?", "choices": ["w", "x", "y", "z"],
+        {"id": f"q{i}", "subject": "geo", "format": fmt, "question": "?", "choices": choices,
          "correct_index": 0, "scores": [0, 0, 0, 0], "is_greedy": True, "predicted_index": 0 if c else 1,
-         "is_correct": bool(c), "confidence": 0.7, "answer_text": text, "judged_index": 0 if c else 1}
+         "is_correct": bool(c), "confidence": 0.7, "answer_text": text, "judged_index": judged,
+         "format_adherent": adherent, "answer_wellformed": metrics.wellformed(text, adherent, letters)}
         for i, c in enumerate(correct)])
 
 
 def _metrics(run, rows, arm="a"):
-    write_jsonl(run / "metrics.jsonl", [{"arm": arm, "generation": g, "metric": m, "value": v, "format": f,
-                                          "subject": None} for g, m, v, f in rows])
+    """rows: (generation, metric, value, format[, subject]) as the evaluator names them."""
+    write_jsonl(run / "metrics.jsonl", [{"arm": arm, "generation": r[0], "metric": r[1], "value": r[2], "format": r[3],
+                                          "subject": r[4] if len(r) > 4 else None} for r in rows])
 
 
 def test_drop_that_is_not_significant_stays_A(tmp_path):
@@ -106,12 +115,41 @@ def test_fluency_and_length_break_are_C(tmp_path):
     run = tmp_path / "run"
     rows = [(g, "accuracy", 0.8, "short_answer") for g in range(4)]
     rows += [(g, "answer_words", w, "short_answer") for g, w in enumerate([5, 5, 5, 30])]
-    rows += [(g, "fluency", v, None) for g, v in enumerate([2.8, 2.7, 1.5, 1.4])]
+    rows += [(g, "fluency", v, None, "answers") for g, v in enumerate([0.98, 0.97, 0.6, 0.55])]
+    rows += [(g, "fluency", 0.99, None, "synthetic") for g in range(1, 4)]  # the training text's: not the answers
     _metrics(run, rows)
     f = _fmt(classify_run(run, FAST), "short_answer", "a")
     assert f["stages"] == "AACC" and f["onset_C"] == 2
     assert any("fluency" in r for r in f["generations"][2]["reasons"])
     assert any("answer length" in r for r in f["generations"][3]["reasons"])
+
+
+def test_format_break_with_accuracy_held_is_C_without_B(tmp_path):
+    """Issue 15 item 4: answers grew long and lost their format while the facts stayed (0.80 vs 0.79): C, and B's
+    onset is only where B's own condition (accuracy retention) holds: never here."""
+    arms = {"a": {"short_answer": {"acc": [0.8, 0.79, 0.8, 0.81, 0.8], "adh": [0.97, 0.97, 0.3, 0.2, 0.2],
+                                   "words": [3, 3, 12, 12, 12]}}}
+    f = _fmt(classify_run(make_run(tmp_path / "run", arms), FAST), "short_answer", "a")
+    assert f["stages"] == "AACCC" and f["onset_C"] == 2 and f["onset_B"] is None
+    assert not any(p["knowledge_loss"] for p in f["generations"])
+    arms["a"]["short_answer"]["acc"] = [0.8, 0.79, 0.8, 0.4, 0.35]  # the facts go later: B onset there
+    f = _fmt(classify_run(make_run(tmp_path / "run2", arms), FAST), "short_answer", "a")
+    assert f["stages"] == "AACCC" and (f["onset_B"], f["onset_C"]) == (3, 2)
+
+
+def test_format_adherence_is_the_metric_rows_definition(tmp_path):
+    """The bootstrap path reads the record's format_adherent (named within the first words, not degenerate), the
+    definition the `format_adherence` row has; an answer naming its option in the 9th word is not adherent."""
+    run = tmp_path / "run"
+    late = "well I would have to say that it is w"
+    for g, text in ((0, "w"), (1, late)):
+        _answers(run, g, [1] * 12, fmt="short_answer", text=text)
+    _metrics(run, [(0, "accuracy", 1.0, "short_answer"), (1, "accuracy", 1.0, "short_answer")])
+    p1 = _fmt(classify_run(run, FAST), "short_answer", "a")["generations"][1]
+    assert p1["format_adherence"] == 0.0  # judged (names option 0) but not adherent
+    for path in run.glob("arms/a/gen_*/answers/*.jsonl"):  # records written before the field: the same rule
+        write_jsonl(path, [{k: v for k, v in r.items() if k != "format_adherent"} for r in read_jsonl(path)])
+    assert _fmt(classify_run(run, FAST), "short_answer", "a")["generations"][1]["format_adherence"] == 0.0
 
 
 def test_missing_baseline_is_reported_not_fatal(tmp_path):
@@ -127,6 +165,25 @@ def test_heldout_subject_rule(tmp_path):
     mc = _fmt(result, "multiple_choice")
     assert mc["generations"][0]["n"] == 50  # every 4th of 200 questions is held out
     assert mc["stages"][-1] == "B"
+
+
+def test_fixture_rows_are_what_the_evaluator_writes(tmp_path):
+    """The hand-made runs above may only use metric names and subjects the real evaluator writes
+    (test_stages_real.py checks the evaluator's side on real models)."""
+    from kcollapse.evaluate.metrics import TASK_METRICS
+
+    run = make_run(tmp_path / "run", NOISY, model={"alpha_1.0": {**NOISY_MODEL["alpha_1.0"], "fluency": [1.0] * 8}})
+    rows = read_jsonl(run / "metrics.jsonl")
+    text = {"entropy", "entropy_std", "distinct_1", "distinct_2", "repetition_rate", "vocab_size"}
+    for r in rows:
+        if r["format"] is not None:
+            assert r["metric"] in TASK_METRICS
+        elif r["metric"] in text:
+            assert r["subject"] in (None, "synthetic") and r["generation"] >= 1
+        else:
+            assert (r["metric"], r["subject"]) in {("perplexity_heldout", None), ("fluency", "answers")}
+    record = read_jsonl(next(run.glob("arms/*/gen_0/answers/*.jsonl")))[0]
+    assert {"format_adherent", "answer_wellformed", "judged_index", "choices", "is_correct"} <= set(record)
 
 
 def test_onset_persistence():

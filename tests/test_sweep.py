@@ -81,7 +81,24 @@ def test_sweep_runs_trials_on_ray_and_summarises(swept):
     assert (c["domain_arm"], c["general_arm"], c["domain"], c["seeds"]) == ("geo", "general", "geography", [0, 1])
     assert c["method"].startswith("paired bootstrap over seeds") and set(c["formats"]) == {"cloze", "multiple_choice", "all"}
     assert c["train_tokens"]["geo"] > 0 and c["train_tokens"]["general"] > 0  # equal compute, stated
-    assert {r["regime"] for r in res["dose_response"]} <= {"homeostatic", "bounded", "degradative", None}
+    point = res["points"]["lr=0.001"]
+    for arm in ("general", "geo"):  # regimes from retention above chance, recomputed from summary.csv's accuracies
+        acc = summary[summary.arm == arm].groupby("generation")[["accuracy/cloze", "accuracy/multiple_choice"]].mean()
+        chance = point["comparisons"][0]["chance"]
+        want = [(acc.loc[1, f"accuracy/{f}"] - chance[f]) / (acc.loc[0, f"accuracy/{f}"] - chance[f])
+                for f in ("cloze", "multiple_choice") if acc.loc[0, f"accuracy/{f}"] - chance[f] > 0.05]
+        got = point["regimes"][arm]["all"]
+        assert (got["retention"] is None) == (not want)
+        if want:
+            assert got["retention"] == pytest.approx(sum(want) / len(want))
+            r = got["retention"]
+            assert got["regime"] == ("homeostatic" if r > 0.8 else "bounded" if r >= 0.6 else "degradative")
+        else:
+            assert got["regime"] is None
+    f = c["formats"]["all"]
+    assert f["ci_kind"] in ("two-sided", "lower bound", "upper bound", "unbounded", "n/a")
+    if f["censored"]["geo"] and not f["censored"]["general"]:  # a domain arm that never falls: a bound, no point
+        assert f["ci"] is None or f["ci"][1] is None
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html and "Resistance factor" in html
     assert "lr=0.001__seed1" in html and "homeostatic: retention &gt; 0.8" in html

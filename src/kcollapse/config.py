@@ -218,9 +218,10 @@ class StageRules(Strict):
     persist: int = Field(2, ge=1, description="generations in a row that confirm an onset")
     model_subject: str | None = Field("synthetic", description="text-metric rows watched (fallback: null = whole mix)")
     model_signals: dict[str, float] = Field(
-        default_factory=lambda: {"perplexity": 0.2, "perplexity_heldout": 0.2, "entropy": -0.1,
-                                 "distinct_1": -0.1, "distinct_2": -0.1, "repetition_rate": 0.5},
-        description="metric -> relative change vs generation 0 that is a warning (sign = direction of collapse)",
+        default_factory=lambda: {"perplexity_heldout": 0.2, "entropy": -0.1, "distinct_1": -0.1, "distinct_2": -0.1,
+                                 "repetition_rate": 0.5},
+        description="metric -> relative change vs model 0 that is a warning (sign = direction of collapse); text "
+        "statistics are those of the text each model wrote (model 0's: generation 1's synthetic mix)",
     )
 
 

@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -31,7 +32,7 @@ TASK_ORDER = ["accuracy", "judged_accuracy", "greedy_rate", "max_freq", "confide
               "accuracy_permuted", "consistent_correct", "position_bias", "brier", "format_adherence", "answer_wellformed", "answer_words", "answer_repetition", "judge_mean", "fluency"]
 MODEL_ORDER = ["perplexity", "perplexity_heldout", "entropy", "entropy_std", "distinct_1", "distinct_2",
                "repetition_rate", "fluency"]
-SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part"}
+SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part", "answers": "free-text answers"}
 
 
 def _literal_text(func):
@@ -45,11 +46,15 @@ def _literal_text(func):
     return wrapper
 
 
-def _save(fig, path: Path) -> bytes:
+def _png(fig, **kw) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=80, **kw)
     plt.close(fig)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def _save(fig, path: Path) -> bytes:
+    data = _png(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:  # atomic and readable like kcollapse.io's text writers (it has no bytes writer)
@@ -145,9 +150,11 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
                 subj = None if pd.isna(subj) else subj
                 s = s.groupby("generation")["value"].last().sort_index()
                 ax.plot(s.index, s.values, "o-", ms=3, label=SUBJECT_LABEL.get(subj, str(subj)))
-            warned = arm_stages.get("model_centric", {}).get("warnings", {}).get(name)
-            if warned is not None:
-                ax.axvline(warned, color="black", ls="--", lw=0.9, label="model-centric warning")
+            mc = arm_stages.get("model_centric", {})
+            warned = mc.get("warnings", {}).get(name)
+            if warned is not None:  # warnings count models; model w's text is generation w+1's row
+                shift = str(mc.get("sources", {}).get(name, {}).get("written_by", "")).startswith("model g-1")
+                ax.axvline(warned + shift, color="black", ls="--", lw=0.9, label=f"model-centric warning (model {warned})")
             ax.set_title(name.replace("_", " ") + (" (model-centric)" if kind == "model" else ""), fontsize=9)
             if not legend_done.get(kind):
                 ax.legend(fontsize=6)
@@ -205,6 +212,43 @@ def overlay_figure(panels: list[tuple[str, dict[str, pd.Series]]], path: Path, t
     fig.suptitle(title, fontsize=12, x=0.01, ha="left")
     fig.tight_layout()
     return _save(fig, path)
+
+
+@_literal_text
+def retention_figure(c: dict, threshold: float = 0.8, fmt: str = "all") -> bytes:
+    """PNG of one resistance comparison (resistance.compare): both arms' retention above chance on the domain's
+    subject with bootstrap bands, the threshold and the regime bands."""
+    f, gens = c["formats"][fmt], c["generations"]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for arm, color in ((c["domain_arm"], "#1f77b4"), (c["general_arm"], "#d62728")):
+        ax.plot(gens, [np.nan if v is None else v for v in f["retention"][arm]], "o-", color=color, label=arm)
+        band = [(b or [np.nan, np.nan]) for b in f["retention_ci"][arm]]
+        ax.fill_between(gens, [b[0] for b in band], [b[1] for b in band], color=color, alpha=0.15, lw=0)
+    ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold}")
+    ax.axhspan(0.6, 0.8, color="#f6c343", alpha=0.12, lw=0)
+    ax.axhspan(ax.get_ylim()[0] if ax.get_ylim()[0] < 0.6 else 0.0, 0.6, color="#e4572e", alpha=0.08, lw=0)
+    ax.set(xlabel="generation", ylabel=f"retention on {c['domain']}", title=f"{fmt} · factor {f['text']}")
+    ax.legend(fontsize=8)
+    return _png(fig, bbox_inches="tight")
+
+
+@_literal_text
+def dose_figure(rows: list[dict]) -> bytes:
+    """PNG: retention at the last generation against the synthetic ratio, one line per series, seeds' range as bars."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    df = pd.DataFrame(rows).dropna(subset=["synthetic_ratio", "retention"])
+    for series, s in df.groupby("series", sort=True):
+        s = s.sort_values("synthetic_ratio")
+        seeds = [np.array([x for x in p if x is not None] or [np.nan], float) for p in s["per_seed"]]
+        err = [s["retention"] - [np.nanmin(p) for p in seeds], [np.nanmax(p) for p in seeds] - s["retention"]]
+        ax.errorbar(s["synthetic_ratio"], s["retention"], yerr=np.clip(np.nan_to_num(err), 0, None), marker="o",
+                    capsize=3, label=series)
+    ax.axhline(0.8, color="k", ls="--", lw=1)
+    ax.axhline(0.6, color="k", ls=":", lw=1)
+    ax.set(xlabel="synthetic ratio (alpha)", ylabel="retention at last generation", title="dose-response")
+    if not df.empty:
+        ax.legend(fontsize=7)
+    return _png(fig, bbox_inches="tight")
 
 
 @_literal_text

@@ -6,23 +6,20 @@ config, the stage table and timeline, per-arm curves with the stages shaded, the
 (ECE, Brier, reliability diagrams) and provenance (rigour.py), the model's answers to chosen questions at
 generation 0, mid and last, and samples of the synthetic text of every generation.
 
-Model-written text is hostile input: everything shown passes through `esc`, which HTML-escapes it, makes control
-characters, bidi overrides and lone surrogates visible, and truncates very long texts with a note.
+The page is jinja2 templates (kcollapse/templates/, autoescaped) filled here. Model-written text is hostile input:
+everything shown passes the `text` filter (`pages.esc`), which HTML-escapes it, makes control characters, bidi
+overrides and lone surrogates visible, and truncates very long texts with a note.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
 import json
 import re
-import unicodedata
-from importlib import resources
 from pathlib import Path
-from string import Template
 
 import pandas as pd
+from markupsafe import Markup
 from rich.console import Console
 from rich.markup import escape
 
@@ -30,49 +27,13 @@ from kcollapse import figures, resistance, rigour
 from kcollapse.errors import UserError
 from kcollapse.evaluate.formats import LETTERS
 from kcollapse.io import atomic_write_text
+from kcollapse.pages import esc, img, page, render
 from kcollapse.rundir import answer_files, load_metrics
-from kcollapse.stages import b_onset_text, classify_run, onset_text, position_text, run_stages
-BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+from kcollapse.stages import LEAD_TIME, classify_run, run_stages
+from kcollapse.tables import b_onset_text, onset_text, position_text
+
 SAMPLES_PER_GEN = 2
 QUESTIONS_SHOWN = 6
-
-
-def esc(text, limit: int = 1500) -> str:
-    """HTML-safe rendering of untrusted text: escaped, invisible characters shown as <U+XXXX>, cut at `limit`."""
-    if text is None:
-        return '<span class="note">(none)</span>'
-    text = str(text)
-    note = ""
-    if len(text) > limit:
-        note = f' <span class="trunc">[… truncated: {len(text):,} characters in all]</span>'
-        text = text[:limit]
-    out, run = [], []
-    for ch in text:
-        o = ord(ch)
-        bad = (0xD800 <= o <= 0xDFFF or ch in BIDI or o in (0xFEFF, 0xFFFD) or
-               (unicodedata.category(ch) == "Cc" and ch not in "\n\t"))
-        if bad:
-            out.append(html.escape("".join(run)))
-            run = []
-            out.append(f'<span class="ctl">&lt;U+{o:04X}&gt;</span>')
-        else:
-            run.append(ch)
-    out.append(html.escape("".join(run)))
-    return "".join(out) + note
-
-
-def _img(data: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-
-
-def _fmt(v, digits: int = 3) -> str:
-    return "–" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.{digits}f}"
-
-
-def _stage_cells(stages: dict[int, str], last: int) -> str:
-    return '<span class="stages">' + "".join(
-        f'<span class="s{stages.get(g, "X") if stages.get(g) in ("A", "B", "C") else "X"}" title="generation {g}">'
-        f'{stages.get(g, "·")}</span>' for g in range(last + 1)) + "</span>"
 
 
 def _points(f: dict) -> dict[int, str]:
@@ -81,35 +42,34 @@ def _points(f: dict) -> dict[int, str]:
 
 # ------------------------------------------------------------------------------------------- sections
 
-def stage_table(result: dict, label: str | None = None) -> str:
+def stage_table(result: dict, label: str | None = None) -> Markup:
     last = result.get("last_generation") or 0
     rows = []
     for arm, a in result["arms"].items():
-        warn = a["model_centric"]["warning_generation"]
-        warned = ", ".join(f"{esc(m)} (gen {g})" for m, g in a["model_centric"]["warnings"].items()) or "none"
         for fmt, f in a["formats"].items():
             last_pt = next((p for p in reversed(f.get("generations", [])) if isinstance(p, dict)), {})
-            why = "; ".join(last_pt.get("reasons", [])) or f.get("error", "")
-            lead = f.get("lead_time")
-            rows.append(
-                "<tr>" + (f"<td>{esc(label)}</td>" if label else "") +
-                f"<td>{esc(arm)}</td><td>{esc(fmt)}</td><td>{_stage_cells(_points(f), last)}</td>"
-                f"<td>{esc(b_onset_text(f, last))}</td><td>{onset_text(f.get('onset_C'), last)}</td><td>{esc(position_text(f))}</td>"
-                f"<td class='num'>{_fmt((f.get('baseline') or {}).get('accuracy'))}</td>"
-                f"<td class='num'>{_fmt(last_pt.get('retention'), 2)}</td>"
-                f"<td>{'–' if warn is None else f'gen {warn}'}<br><span class='note'>{warned}</span></td>"
-                f"<td class='num'>{'–' if lead is None else f'{lead:+d}'}</td><td class='note'>{esc(why)}</td></tr>")
-    head = ("<tr>" + ("<th>run</th>" if label else "") + f"<th>arm</th><th>format</th><th>stage per generation 0…{last}</th>"
-            "<th>B onset</th><th>C onset</th><th>position bias</th><th>gen-0 accuracy</th><th>last retention</th>"
-            "<th>model-centric warning</th><th>lead (gens)</th><th>last generation: why</th></tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+            stages = _points(f)
+            rows.append({"arm": arm, "format": fmt, "cells": [(g, stages.get(g, "·")) for g in range(last + 1)],
+                         "onset_B": b_onset_text(f, last), "onset_C": onset_text(f.get("onset_C"), last),
+                         "position": position_text(f),
+                         "accuracy0": (f.get("baseline") or {}).get("accuracy"), "retention": last_pt.get("retention"),
+                         "warn": a["model_centric"]["warning_generation"], "warnings": a["model_centric"]["warnings"],
+                         "lead": f.get("lead_time"), "why": "; ".join(last_pt.get("reasons", [])) or f.get("error", "")})
+    return render("stage_table.html", rows=rows, last=last, label=label)
 
 
-def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> str:
+def resistance_section(summary: dict, label: str = "") -> Markup:
+    """The resistance summary of a run or a sweep point: table, retention figures (embedded), regimes."""
+    figs = [img(figures.retention_figure(c, summary["threshold"]), f"retention of {c['domain_arm']} and {c['general_arm']}")
+            for c in summary["comparisons"] if "error" not in c]
+    return render("resistance.html", summary=summary, label=label, figures=figs)
+
+
+def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> Markup:
     """Chosen questions of one format, the model's answers at generation 0, mid and last side by side."""
     files = {k: v for k, v in answer_files(run_dir).items() if k[0] == arm}
     if not files:
-        return '<p class="note">No per-question answers for this arm.</p>'
+        return render("answers.html", fmt=None)
     fmts = [f for f in arm_stages.get("formats", {}) if (arm, 0, f) in files] or sorted({f for _, _, f in files})
     fmt = min(fmts, key=lambda f: (arm_stages["formats"].get(f, {}).get("onset_B") is None,
                                    arm_stages["formats"].get(f, {}).get("onset_B") or 0))
@@ -130,34 +90,26 @@ def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> str:
     by_gen = {g: load(g) for g in shown}
     first, lastg = by_gen[shown[0]], by_gen[shown[-1]]
     ids = sorted(first, key=lambda i: (not (first[i].get("is_correct") and not lastg.get(i, {}).get("is_correct", True)), i))
-    rows = []
+    questions = []
     for qid in ids[:QUESTIONS_SHOWN]:
         q = first[qid]
-        choices = q.get("choices") or []
         ci = q.get("correct_index")
-        opts = "<br>".join(("<b>" if i == ci else "") + f"{LETTERS[i] if i < len(LETTERS) else i}. {esc(c, 200)}" +
-                           (" ✓</b>" if i == ci else "") for i, c in enumerate(choices))
-        cells = []
+        answers = []
         for g in shown:
             r = by_gen[g].get(qid)
-            if r is None:
-                cells.append('<td class="note">not asked</td>')
-                continue
-            pi = r.get("predicted_index")
-            mark = '<span class="ok">✓ right</span>' if r.get("is_correct") else '<span class="bad">✗ wrong</span>'
-            pick = LETTERS[pi] if isinstance(pi, int) and 0 <= pi < len(LETTERS) else "?"
-            cells.append(f"<td>{mark} · picks {pick} · conf {_fmt(r.get('confidence'), 2)}"
-                         f"<div class='text'>{esc(r.get('answer_text'), 400)}</div></td>")
-        rows.append(f"<tr><td class='q'><b>{esc(q.get('question'), 500)}</b><br>{opts}</td>{''.join(cells)}</tr>")
-    head = "".join(f"<th>generation {g}</th>" for g in shown)
-    return (f"<p class='note'>Format <b>{esc(fmt)}</b>; questions right at generation {shown[0]} and wrong at "
-            f"generation {shown[-1]} first. The free-text answer is what the model wrote; the pick is the scored "
-            f"option.</p><table class='answers'><tr><th>question (✓ = correct option)</th>{head}</tr>{''.join(rows)}</table>")
+            pi = None if r is None else r.get("predicted_index")
+            answers.append(None if r is None else {
+                "right": bool(r.get("is_correct")), "confidence": r.get("confidence"), "text": r.get("answer_text"),
+                "pick": LETTERS[pi] if isinstance(pi, int) and 0 <= pi < len(LETTERS) else "?"})
+        questions.append({"question": q.get("question"), "answers": answers,
+                          "options": [(LETTERS[i] if i < len(LETTERS) else i, c, i == ci)
+                                      for i, c in enumerate(q.get("choices") or [])]})
+    return render("answers.html", fmt=fmt, shown=shown, questions=questions)
 
 
-def synthetic_section(run_dir: Path, arm: str) -> str:
+def synthetic_section(run_dir: Path, arm: str) -> Markup:
     """A few synthetic training texts of every generation (streamed: files can be large)."""
-    parts = []
+    generations = []
     paths = sorted(Path(run_dir).glob(f"arms/{arm}/gen_*/synthetic.jsonl"),
                    key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
     for path in paths:
@@ -172,12 +124,8 @@ def synthetic_section(run_dir: Path, arm: str) -> str:
                     total += 1
                     if len(samples) < SAMPLES_PER_GEN:
                         samples.append(r.get("text"))
-        body = "".join(f"<div class='text' style='margin:4px 0 8px;border-left:3px solid #ccc;padding-left:8px'>"
-                       f"{esc(t, 800)}</div>" for t in samples) or "<p class='note'>no synthetic text</p>"
-        parts.append(f"<h3>{esc(path.parent.name)} <span class='note'>({total} synthetic texts)</span></h3>{body}")
-    if not parts:
-        return '<p class="note">No synthetic.jsonl for this arm.</p>'
-    return "".join(parts)
+        generations.append({"name": path.parent.name, "total": total, "samples": samples})
+    return render("synthetic.html", generations=generations)
 
 
 def _derived_rows(result: dict) -> pd.DataFrame:
@@ -204,14 +152,12 @@ def with_derived(df: pd.DataFrame, result: dict) -> pd.DataFrame:
     return pd.concat([df, extra], ignore_index=True) if not extra.empty else df
 
 
-def page(title: str, body: str) -> str:
-    template = (resources.files("kcollapse") / "templates" / "report.html").read_text(encoding="utf-8")
-    return Template(template).substitute(title=esc(title), body=body)
+NAV = [("stages", "Stages"), ("curves", "Curves"), ("order", "Option order"), ("calibration", "Calibration"),
+       ("answers", "Answers"), ("synthetic", "Synthetic text"), ("provenance", "Provenance"), ("config", "Config")]
 
 
-LEGEND = ("<p class='legend note'><span class='sA'>A</span>knowledge preserved <span class='sB'>B</span>knowledge "
-          "collapse: accuracy falls, format and fluency hold (confidently wrong) <span class='sC'>C</span>"
-          "instruction-following collapse: format or fluency break <span class='sX'>·</span>not evaluated</p>")
+def _img_html(data: bytes, alt: str) -> str:
+    return str(img(data, alt))
 
 
 def write_report(run_dir: Path) -> Path:
@@ -226,51 +172,27 @@ def write_report(run_dir: Path) -> Path:
     fig_dir = run_dir / "figures"
 
     timeline = [(f"{arm} · {fmt}", _points(f)) for arm, a in result["arms"].items() for fmt, f in a["formats"].items()]
-    sections = [f"<h1>Knowledge collapse report: {esc(run_dir.resolve().name)}</h1>",
-                f"<p class='meta'>Written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by kcollapse from "
-                f"{esc(str(run_dir.resolve()))} · {len(result['arms'])} arm(s) · generations 0…{last}</p>",
-                "<nav>" + "".join(f"<a href='#{i}'>{t}</a>" for i, t in [("stages", "Stages"), ("curves", "Curves"),
-                                                                         ("order", "Option order"), ("calibration", "Calibration"),
-                                                                         ("answers", "Answers"), ("synthetic", "Synthetic text"),
-                                                                         ("provenance", "Provenance"), ("config", "Config")]) + "</nav>",
-                "<h2 id='stages'>Stages</h2>", LEGEND, stage_table(result)]
-    if timeline:
-        sections.append(_img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline"))
-    sections.append(
-        f"<p class='note'>Rule: B when accuracy retained above chance falls below {result['rules']['retention_b']} "
-        f"of generation 0 and the drop is significant ({int(result['rules']['ci'] * 100)}% paired bootstrap over "
-        "questions when answers are logged); C when well-formed answers (rules.format_signal), answer repetition or "
-        "length, or fluency degrade "
-        f"beyond tolerance. Onsets need {result['rules']['persist']} generations in a row. Lead = task-centric drop "
-        "minus the first model-centric warning (perplexity, entropy, distinct-n of the training text): positive when "
-        "the model-centric metrics warned first. Thresholds: stages.json → rules.</p>")
-    sections.append("<h2 id='curves'>Curves per arm</h2><p class='note'>Accuracy panels: bands are that format's "
-                    "stages, the shaded region is the generation-0 accuracy plus the bootstrap CI of the change, the "
-                    "dashed line the held-out facts when the benchmark has them. Other panels: bands show the most "
-                    "advanced stage over all formats.</p>")
-    for arm, a in result["arms"].items():
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", arm)
-        sections.append(f"<h3>{esc(arm)}</h3>" + _img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{safe}.png"),
-                                                      f"metrics of arm {arm}"))
-
-    sections.append("<h2 id='order'>Option-order control</h2>" + rigour.order_section(result, df, esc))
-    sections.append("<h2 id='calibration'>Calibration</h2>" + rigour.calibration_section(run_dir, result, df, fig_dir, esc, _img))
+    arms = [{"name": arm,
+             "figure": img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{re.sub(r'[^A-Za-z0-9_.-]', '_', arm)}.png"),
+                           f"metrics of arm {arm}"),
+             "answers": answers_section(run_dir, arm, a), "synthetic": synthetic_section(run_dir, arm)}
+            for arm, a in result["arms"].items()]
+    mitigation = None
     if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
-        sections.append("<h2 id='resistance'>Domain-specific mitigation</h2>"
-                        + resistance.html_section(resistance.summarise_run(run_dir)))
-    sections.append("<h2 id='answers'>Answers to chosen questions</h2>")
-    for arm, a in result["arms"].items():
-        sections.append(f"<h3>{esc(arm)}</h3>" + answers_section(run_dir, arm, a))
-    sections.append("<h2 id='synthetic'>Synthetic training text</h2>")
-    for i, arm in enumerate(result["arms"]):
-        sections.append(f"<details{' open' if i == 0 else ''}><summary>{esc(arm)}</summary>"
-                        f"{synthetic_section(run_dir, arm)}</details>")
+        mitigation = resistance_section(resistance.summarise_run(run_dir))
     cfg = run_dir / "config.yaml"
-    cfg_text = cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)"
-    sections.append("<h2 id='provenance'>Provenance</h2>" + rigour.provenance_section(run_dir, esc))
-    sections.append(f"<h2 id='config'>Config</h2><pre>{esc(cfg_text, 40000)}</pre>")
+    body = render(
+        "run_report.html", name=run_dir.resolve().name, path=str(run_dir.resolve()), last=last, nav=NAV, arms=arms,
+        written=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), stage_table=stage_table(result),
+        timeline=img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline") if timeline else None,
+        rule=render("stage_rule.html", rules=result["rules"], lead=LEAD_TIME), resistance=mitigation,
+        middle=[{"id": "order", "title": "Option-order control", "body": Markup(rigour.order_section(result, df, esc))},
+                {"id": "calibration", "title": "Calibration",
+                 "body": Markup(rigour.calibration_section(run_dir, result, df, fig_dir, esc, _img_html))}],
+        late=[{"id": "provenance", "title": "Provenance", "body": Markup(rigour.provenance_section(run_dir, esc))}],
+        config=cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)")
     out = run_dir / "report.html"
-    atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", "\n".join(sections)))
+    atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", body))
     return out
 
 
@@ -346,18 +268,11 @@ def compare_command(run_dirs: list[Path], out: Path) -> Path:
                 lines[line(r, a)] = s.groupby("generation")["value"].last()
         if lines:
             panels.append((f"{metric} (model-centric)", lines))
-    body = [f"<h1>Knowledge collapse: comparison of {len(results)} run(s)</h1>",
-            f"<p class='meta'>Written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by kcollapse · runs: "
-            + ", ".join(f"{esc(k)} ({esc(str(Path(p).resolve()))})" for k, p in zip(results, run_dirs)) + "</p>",
-            "<h2>Stages</h2>", LEGEND]
-    for label, result in results.items():
-        body.append(f"<h3>{esc(label)}</h3>" + stage_table(result))
-    if panels:
-        body.append("<h2>Curves</h2>" + _img(figures.overlay_figure(panels, out / "figures" / "comparison.png",
-                                                                     "arms overlaid"), "comparison curves"))
-    body.append("<p class='note'>All rows: comparison.csv (run, arm, generation, metric, value, format, subject, "
-                "stage).</p>")
+    curves = img(figures.overlay_figure(panels, out / "figures" / "comparison.png", "arms overlaid"),
+                 "comparison curves") if panels else None
+    body = render("compare.html", written=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), curves=curves,
+                  runs=[(label, str(Path(p).resolve()), stage_table(r)) for (label, r), p in zip(results.items(), run_dirs)])
     path = out / "report.html"
-    atomic_write_text(path, page("kcollapse · comparison", "\n".join(body)))
+    atomic_write_text(path, page("kcollapse · comparison", body))
     print(f"wrote {path} and {out / 'comparison.csv'}")
     return path

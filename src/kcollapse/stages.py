@@ -6,42 +6,42 @@ confidently wrong). C: *instruction-following collapse*, the format and the flue
 This module turns a run directory into those letters, against the generation-0 baseline, with uncertainty.
 
 The default rule (every number is a field of `StageRules`, overridable by a `stages:` section in
-RUN_DIR/config.yaml or by a YAML file of those fields):
+RUN_DIR/config.yaml or by a YAML file of those fields; the statistics are kcollapse.stats's, every definition is
+in docs/STATISTICS.md):
 
-- Accuracy is measured above chance: retention = (acc_g - chance) / (acc_0 - chance), chance = 1 / number of
-  choices (0.25 on the 4-choice benchmarks). A model at chance has retained nothing, whatever its raw accuracy.
+- Accuracy is measured above chance: retention = (acc_g - chance) / (acc_0 - chance) (stats.retention).
 - With per-question answers (arms/<arm>/gen_<g>/answers/*.jsonl) every signal is a paired bootstrap over the
   questions present at both generation g and generation 0 (`n_boot` resamples, `ci` level).
 - Without answers the metric rows stand in (`accuracy`, `answer_wellformed` or `format_adherence`,
-  `answer_repetition`, `answer_words`, `fluency` of the format, else the run's `fluency` row) and "significant" is
-  replaced by `min_drop`.
-- C when, against generation 0, the share of well-formed free-text answers (`answer_wellformed`: a short answer
-  of the asked kind, or one naming an option; `format_signal: format_adherence` to require an option instead,
-  the fallback for runs without it) drops by at least `format_drop`, answer repetition (repeated word 4-grams)
-  rises by at least `repetition_rise`, the answer length changes by more than a factor `words_factor`, or fluency
-  falls by more than `fluency_drop` (relative); with answers each change must also be significant (its CI
-  excludes no change).
-- B when not C, retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
+  `answer_repetition`, `answer_words`) and "significant" is replaced by `min_drop`.
+- C's condition, against generation 0: the share of well-formed free-text answers (`answer_wellformed`; or
+  `format_adherence` with `format_signal: format_adherence`, the fallback for runs without it) drops by at least
+  `format_drop`, answer repetition (repeated word 4-grams) rises by at least `repetition_rise`, the answer length
+  changes by more than a factor `words_factor`, or the fluency of the answers (`fluency` rows of subject
+  `answers`: model g's own answers) falls by more than `fluency_drop` (relative); with answers each change must
+  also be significant (its CI excludes no change).
+- B's condition: retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
   0; without answers: a drop of at least `min_drop`).
-- A otherwise. Generation 0 is A by definition.
+- The letter: C if C's condition holds, else B if B's, else A. Generation 0 is A by definition.
 - Position bias (answers asked in two option orders, eval.permutation): a generation is flagged when
   `position_bias` (how far the picked letters' distribution is from the gold letters', both orders pooled) is at
   least `rules.position_bias` and the same letter is picked in both orders more often than the same option. The
   flag does not change the letter; it says that a falling accuracy and a high `max_freq` are a drift to one
   option position rather than (only) lost knowledge: the point's `position_note`, the format's
   `position_bias_generations` and `onset_position_bias`, "(position bias)" after the B onset in the tables.
-- Onset of B (of C): the first generation from which the stage is at least B (is C) for `persist` evaluated
-  generations in a row (fewer at the end of the run), so that one noisy generation starts nothing.
-- Model-centric signals (perplexity, entropy, distinct-n, repetition of the training text) are only reported
-  beside: the *model warning* is the first generation (same persistence) where one moves by `model_signals`
-  (relative change, signed in the direction of collapse). Lead time = first task-centric drop (the earlier of
-  the B and C onsets) - model warning: positive when the model-centric metrics warned first.
+- Onset of B (of C): the first generation from which B's (C's) own condition holds for `persist` evaluated
+  generations in a row (fewer at the end of the run), so that one noisy generation starts nothing. B's onset
+  does not follow C: answers that break while the facts stay are C with no B onset.
+- Model-centric signals (`model_signals`: held-out perplexity of model g; entropy, distinct-n and repetition of
+  the text model g wrote, which is generation g+1's synthetic mix) are reported beside, indexed by the model they
+  describe. The *model warning* is the first model generation (same persistence) where one moves by its
+  relative change against model 0. Lead time = first task-centric onset (the earlier of B and C) - model warning,
+  in model generations: positive when the model-centric metrics warned first.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +49,17 @@ import numpy as np
 import pandas as pd
 import yaml
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from kcollapse import stats
 from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
-from kcollapse.evaluate.formats import LETTERS
-from kcollapse.evaluate.metrics import option_consistency, position_bias, position_consistency, position_shares, wellformed
+from kcollapse.evaluate import freetext, metrics
+from kcollapse.evaluate.formats import LETTERS, get_format
+from kcollapse.evaluate.metrics import option_consistency, position_bias, position_consistency, position_shares
 from kcollapse.evaluate.textstats import repetition
-from kcollapse.io import atomic_write_json, read_jsonl, sanitize_terminal
+from kcollapse.io import atomic_write_json, read_jsonl
 from kcollapse.rundir import answer_files, load_metrics
-
-STAGE_RANK = {"A": 0, "B": 1, "C": 2}
+from kcollapse.tables import print_stages
 
 
 def load_rules(run_dir: Path, rules_file: Path | None = None) -> StageRules:
@@ -112,14 +110,14 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
                 "id": str(r["id"]),
                 "correct": correct,
                 "judged_correct": float(judged == r.get("correct_index")) if text is not None else np.nan,
-                "adherent": float(judged is not None) if text is not None else np.nan,
+                "adherent": _adherent(r, path) if text is not None else np.nan,
                 "wellformed": _wellformed(r, judged) if text is not None else np.nan,
                 "words": float(len(text.split())) if isinstance(text, str) else np.nan,
                 "repetition": repetition(text) if isinstance(text, str) else np.nan,
                 "confidence": float(conf) if conf is not None else np.nan,
                 "confident_wrong": float(correct == 0 and conf is not None and conf >= rules.confident_threshold)
                 if conf is not None else np.nan,
-                "chance": 1.0 / len(r["choices"]) if r.get("choices") else np.nan,
+                "chance": stats.chance_of(len(r["choices"])) if r.get("choices") else np.nan,
             })
     df = pd.DataFrame(rows)
     return df.drop_duplicates("id", keep="last").set_index("id") if not df.empty else df
@@ -129,6 +127,23 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
 # (older runs, imported logs) fall back to format_adherence
 FORMAT_SIGNALS = {"answer_wellformed": ("wellformed", "well-formed answers"),
                   "format_adherence": ("adherent", "format adherence")}
+
+
+def _letters(path: Path) -> bool:
+    """Is the answers file's format answered with a letter? (unknown formats: no)"""
+    try:
+        return get_format(path.stem.rsplit("__", 1)[1]).answer == "letter"
+    except UserError:
+        return False
+
+
+def _adherent(record: dict, path: Path) -> float:
+    """The record's `format_adherent`, the `format_adherence` metric's own definition (an option named within the
+    first words, not degenerate); records that lack it (older runs, imported logs) get that same rule applied."""
+    if record.get("format_adherent") is not None:
+        return float(bool(record["format_adherent"]))
+    _, position = freetext.judge_mention(record["answer_text"], record.get("choices") or [], letters=_letters(path))
+    return float(bool(metrics.adheres(record["answer_text"], position)))
 
 
 def position_check(paths: list[Path], rules: StageRules, max_freq: float | None = None) -> dict | None:
@@ -161,8 +176,7 @@ def _wellformed(record: dict, judged) -> float:
     format's answer kind, so they get the text rule (adherent, or short and not degenerate)."""
     if "answer_wellformed" in record:
         return float(bool(record["answer_wellformed"]))
-
-    return float(bool(wellformed(record["answer_text"], judged is not None, letters=False)))
+    return float(bool(metrics.wellformed(record["answer_text"], judged is not None, letters=False)))
 
 
 def _metric(df: pd.DataFrame, arm: str, metric: str, fmt: str | None, subject: str | None) -> pd.Series:
@@ -176,32 +190,28 @@ def _metric(df: pd.DataFrame, arm: str, metric: str, fmt: str | None, subject: s
 # ----------------------------------------------------------------------------------------------- rule
 
 def _paired_bootstrap(cur: pd.DataFrame, base: pd.DataFrame, rules: StageRules, seed: int):
-    """Point estimates and CIs of per-question mean differences (cur - base) and of retention."""
+    """Point estimates and CIs of per-question mean differences (cur - base) and of retention (stats.py)."""
     ids = cur.index.intersection(base.index)
     x, x0 = cur.loc[ids], base.loc[ids]
-    rng = np.random.default_rng([rules.seed, seed])
-    idx = rng.integers(0, len(ids), size=(rules.n_boot, len(ids)))
-    lo_q, hi_q = (1 - rules.ci) / 2 * 100, (1 + rules.ci) / 2 * 100
+    counts = stats.resample_counts(len(ids), rules.n_boot, np.random.default_rng([rules.seed, seed]))
     out: dict[str, Any] = {"n": int(len(ids))}
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN resample: NaN, skipped below
-        for col in ["correct", "judged_correct", "adherent", "wellformed", "words", "repetition", "confident_wrong"]:
-            a, b = x[col].to_numpy(float), x0[col].to_numpy(float)
-            if np.isnan(a).all() or np.isnan(b).all() or (col in ("adherent", "wellformed") and not np.nansum(b)):
-                continue  # not measured (e.g. no answer judged at generation 0: nothing to degrade from)
-            boot = np.nanmean(a[idx], axis=1) - np.nanmean(b[idx], axis=1)
-            out[col] = (float(np.nanmean(a)), float(np.nanmean(b)),
-                        [float(np.nanpercentile(boot, lo_q)), float(np.nanpercentile(boot, hi_q))])
-        acc_col = "correct" if rules.accuracy == "accuracy" else "judged_correct"
-        chance = rules.chance if rules.chance is not None else (
-            float(np.nanmean(x0["chance"])) if x0["chance"].notna().any() else 0.25)
-        out["chance"] = chance
-        if acc_col in out and out[acc_col][1] - chance > rules.min_margin:
-            a, b = x[acc_col].to_numpy(float), x0[acc_col].to_numpy(float)
-            ret = (np.nanmean(a[idx], axis=1) - chance) / (np.nanmean(b[idx], axis=1) - chance)
-            out["retention"] = ((out[acc_col][0] - chance) / (out[acc_col][1] - chance),
-                                [float(np.nanpercentile(ret, lo_q)), float(np.nanpercentile(ret, hi_q))])
-    return out
+    for col in ["correct", "judged_correct", "adherent", "wellformed", "words", "repetition", "confident_wrong"]:
+        a, b = x[col].to_numpy(float), x0[col].to_numpy(float)
+        if np.isnan(a).all() or np.isnan(b).all() or (col in ("adherent", "wellformed") and not np.nansum(b)):
+            continue  # not measured (e.g. no answer judged at generation 0: nothing to degrade from)
+        ma, mb = stats.weighted_means(counts, a), stats.weighted_means(counts, b)
+        out[col] = (float(ma[0]), float(mb[0]), stats.interval(ma - mb, rules.ci, min_finite=1))
+        out["_" + col] = (ma, mb)
+    acc_col = "correct" if rules.accuracy == "accuracy" else "judged_correct"
+    chance = rules.chance if rules.chance is not None else (
+        float(np.nanmean(x0["chance"])) if x0["chance"].notna().any() else stats.DEFAULT_CHANCE)
+    out["chance"] = chance
+    if acc_col in out:
+        ma, mb = out["_" + acc_col]
+        ret = stats.retention(ma, mb, chance, rules.min_margin)
+        if np.isfinite(ret[0]):
+            out["retention"] = (float(ret[0]), stats.interval(ret, rules.ci, min_finite=1))
+    return {k: v for k, v in out.items() if not k.startswith("_")}
 
 
 def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRules, chance: float) -> dict:
@@ -215,7 +225,8 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
         ret = boot.get("retention")
         rec["retention"], rec["retention_ci"] = (ret if ret else (None, None))
         if ret and ret[0] < rules.retention_b and diff_ci[1] < 0:
-            b_reasons.append(f"retention {ret[0]:.2f} [{ret[1][0]:.2f}, {ret[1][1]:.2f}] < {rules.retention_b}")
+            b_reasons.append(f"retention {ret[0]:.2f} [{ret[1][0]:.2f}, {ret[1][1]:.2f}] < {rules.retention_b}, "
+                             f"accuracy {acc0:.2f} -> {acc:.2f}")
         for col, key in [("adherent", "format_adherence"), ("wellformed", "answer_wellformed"),
                          ("repetition", "answer_repetition"), ("words", "answer_words"),
                          ("confident_wrong", "confident_wrong_rate")]:
@@ -239,8 +250,8 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
         acc, acc0 = m.get(rules.accuracy), m0.get(rules.accuracy)
         rec.update(accuracy=acc, method="metrics")
         rec["retention"] = rec["retention_ci"] = None
-        if acc is not None and acc0 is not None and acc0 - chance > rules.min_margin:
-            ret = (acc - chance) / (acc0 - chance)
+        ret = stats.retention(acc, acc0, chance, rules.min_margin) if acc is not None and acc0 is not None else np.nan
+        if np.isfinite(ret):
             rec["retention"] = ret
             if ret < rules.retention_b and acc0 - acc >= rules.min_drop:
                 b_reasons.append(f"retention {ret:.2f} < {rules.retention_b} (no CI: metrics only)")
@@ -264,8 +275,11 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
             c_reasons.append(f"fluency {v0:.2f} -> {v:.2f}")
     if "confident_wrong_rate" not in rec and m.get("confident_wrong_rate") is not None:
         rec["confident_wrong_rate"] = m["confident_wrong_rate"]
-    rec["stage"] = "A" if g == 0 else "C" if c_reasons else "B" if b_reasons else "A"
-    rec["reasons"] = c_reasons if rec["stage"] == "C" else b_reasons if rec["stage"] == "B" else []
+    if g == 0:
+        c_reasons, b_reasons = [], []
+    rec["stage"] = "C" if c_reasons else "B" if b_reasons else "A"
+    rec["knowledge_loss"] = bool(b_reasons)  # B's own condition, met or not whatever C does (onset_B reads it)
+    rec["reasons"] = c_reasons + b_reasons
     return rec
 
 
@@ -278,25 +292,55 @@ def onset(gens: list[int], flags: list[bool], persist: int) -> int | None:
     return None
 
 
+# Rows at generation g that measure text the generation g-1 model wrote (the synthetic part of generation g's
+# training mix, or the whole mix): their series is shifted so that every model-centric value is indexed by the
+# model it describes. Everything else (perplexity_heldout, perplexity_own, the answers' fluency) measures model g.
+TEXT_METRICS = {"entropy", "entropy_std", "distinct_1", "distinct_2", "repetition_rate", "vocab_size"}
+ANSWERS_SUBJECT = "answers"  # fluency of the free-text answers of model g (the evaluator's subject for them)
+
+
+def written_by_previous(metric: str, subject: str | None) -> bool:
+    """Does this metric row at generation g describe text written by the generation g-1 model?"""
+    return subject == "synthetic" or (subject is None and metric in TEXT_METRICS)
+
+
 def _model_centric(df: pd.DataFrame, arm: str, rules: StageRules) -> dict:
-    """Model-centric metrics of an arm (reported beside) and the first generation one of them warns."""
-    series, warn_at = {}, {}
+    """Model-centric series of an arm, indexed by the generation of the model they describe, and the first model
+    generation at which one of them warns (moves by its `model_signals` change against model 0, `persist` in a
+    row). Baseline: model 0 itself for perplexity; for text statistics the text model 0 wrote, which is
+    generation 1's synthetic mix (model 0 is never asked to evaluate text it wrote at generation 0)."""
+    series, warn_at, sources, missing = {}, {}, {}, []
     for metric, change in rules.model_signals.items():
-        s = _metric(df, arm, metric, None, rules.model_subject)
+        subject = rules.model_subject
+        s = _metric(df, arm, metric, None, subject)
         if s.empty:
+            subject = None
             s = _metric(df, arm, metric, None, None)
         if s.empty:
+            missing.append(metric)
+            continue
+        shift = 1 if written_by_previous(metric, subject) else 0
+        s.index = s.index - shift
+        s = s[s.index >= 0]  # imported logs also hold the text the model before generation 0 wrote
+        if 0 not in s.index:
+            missing.append(metric)
             continue
         series[metric] = {int(g): float(v) for g, v in s.items()}
-        base = s.iloc[0]
+        sources[metric] = {"subject": subject, "written_by": "model g-1 (row generation g)" if shift else "model g"}
+        base = s.loc[0]
         rel = (s - base) / abs(base) if base else s - base
-        flags = list((rel >= change) if change > 0 else (rel <= change))
-        g = onset([int(x) for x in s.index], [bool(f) and int(x) > s.index[0] for f, x in zip(flags, s.index)],
-                  rules.persist)
+        flags = [bool(f) and int(g) > 0 for f, g in zip((rel >= change) if change > 0 else (rel <= change), s.index)]
+        g = onset([int(x) for x in s.index], flags, rules.persist)
         if g is not None:
             warn_at[metric] = g
     first = min(warn_at.values()) if warn_at else None
-    return {"metrics": series, "warnings": warn_at, "warning_generation": first}
+    return {"metrics": series, "sources": sources, "warnings": warn_at, "warning_generation": first,
+            "not_written": missing}
+
+
+LEAD_TIME = ("task_drop_generation (the earlier of the B and C onsets: the first model whose answers show the drop) "
+             "minus model_centric.warning_generation (the first model whose own text or held-out perplexity moved), "
+             "both counted in model generations; positive: the model-centric signal came first")
 
 
 def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path | None = None) -> dict:
@@ -321,12 +365,14 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
             fdf = fdf[fdf["subject"].isna()] if rules.subject is None else fdf[fdf["subject"] == rules.subject]
             table = fdf.pivot_table(index="generation", columns="metric", values="value", aggfunc="last")
             mvals = {g: ({k: float(v) for k, v in table.loc[g].dropna().items()} if g in table.index else {}) for g in gens}
-            fluency = _metric(df, arm, "fluency", None, None)
+            fluency = _metric(df, arm, "fluency", None, ANSWERS_SUBJECT)  # the answers of model g
+            if fluency.empty:  # runs written before answers had their own fluency row, imported logs
+                fluency = _metric(df, arm, "fluency", None, None)
             for g in gens:
                 if "fluency" not in mvals[g] and g in fluency.index and "fluency" not in table.columns:
                     mvals[g]["fluency"] = float(fluency[g])
             base = answers_frame(files[(arm, 0, fmt)], rules) if (arm, 0, fmt) in files else None
-            chance = rules.chance if rules.chance is not None else 0.25
+            chance = rules.chance if rules.chance is not None else stats.DEFAULT_CHANCE
             points = []
             if 0 not in gens:
                 arm_out["formats"][fmt] = {"error": "no generation-0 baseline", "generations": gens,
@@ -349,7 +395,7 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
                             point["reasons"].append(pos["note"])
                 points.append(point)
             letters = [p["stage"] for p in points]
-            on_b = onset(gens, [STAGE_RANK[s] >= 1 for s in letters], rules.persist)
+            on_b = onset(gens, [p["knowledge_loss"] for p in points], rules.persist)
             on_c = onset(gens, [s == "C" for s in letters], rules.persist)
             biased = [p["generation"] for p in points if p.get("position", {}).get("flagged")]
             drop = min([g for g in (on_b, on_c) if g is not None], default=None)
@@ -367,64 +413,12 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
                 "position_bias_generations": biased,
                 "onset_position_bias": onset(gens, [g in biased for g in gens], rules.persist),
                 "lead_time": (drop - warn) if drop is not None and warn is not None else None,
+                "lead_time_definition": LEAD_TIME,
             }
         result["arms"][arm] = arm_out
     all_gens.update(int(g) for g in df["generation"])
     result["last_generation"] = max(all_gens) if all_gens else None
     return result
-
-
-def onset_text(value: int | None, last: int | None) -> str:
-    return f"gen {value}" if value is not None else f"not reached by {last}"
-
-
-def b_onset_text(f: dict, last: int | None) -> str:
-    """The B onset, marked when the model is position-biased there (a drift to one letter, not only lost facts)."""
-    text = onset_text(f.get("onset_B"), last)
-    if f.get("onset_B") is not None and f["onset_B"] in f.get("position_bias_generations", []):
-        text += " (position bias)"
-    return text
-
-
-def position_text(f: dict) -> str:
-    gens = f.get("position_bias_generations") or []
-    if not gens:
-        return "-"
-    return f"gen {f['onset_position_bias']}" if f.get("onset_position_bias") is not None else f"gen {gens[0]} (not persistent)"
-
-
-def _plain(text):
-    """A name from a file, printed as itself: no rich markup, no terminal escapes."""
-    return Text(sanitize_terminal(text, 200))
-
-
-def print_table(result: dict) -> None:
-    last = result.get("last_generation")
-    colors = {"A": "green", "B": "yellow", "C": "red", "?": "dim"}
-    table = Table(title=_plain(f"stages of {result['run']}"),
-                  caption="A preserved · B knowledge collapse · C instruction-following collapse · lead = "
-                          "task-centric drop - model-centric warning (generations)")
-    biased = any(f.get("position_bias_generations") for a in result["arms"].values() for f in a["formats"].values())
-    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset"] + ["position bias"] * biased + ["model warn", "lead"]:
-        table.add_column(col, no_wrap=col.startswith("gen"), overflow="fold")
-    for arm, a in result["arms"].items():
-        warn = a["model_centric"]["warning_generation"]
-        for fmt, f in a["formats"].items():
-            gens = [p["generation"] for p in f["generations"]] if "error" not in f else f["generations"]
-            by_gen = dict(zip(gens, f["stages"]))
-            cells = Text()
-            for g in range(0, (last or 0) + 1):
-                s = by_gen.get(g, "·")
-                cells.append(s, style=colors.get(s, "dim"))
-            lead = f.get("lead_time")
-            b_on, c_on = (f["error"], "") if "error" in f else (b_onset_text(f, last), onset_text(f["onset_C"], last))
-            if "error" not in f and not f.get("knowledge_measurable", True):
-                b_on = "n/a: at chance at gen 0"
-            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, *[position_text(f)] * biased, "-" if warn is None else f"gen {warn}",
-                          "-" if lead is None else f"{lead:+d}")
-        if not a["formats"]:
-            table.add_row(_plain(arm), "(no task metrics)", "", "", "", *[""] * biased, "-" if warn is None else f"gen {warn}", "")
-    Console().print(table)
 
 
 def current_stages(run_dir: Path) -> dict | None:
@@ -460,5 +454,5 @@ def stages_command(run_dir: Path, rules_file: Path | None = None) -> dict:
         raise UserError(f"{run_dir}: run directory not found")
     result = classify_run(run_dir, rules_file=rules_file)
     atomic_write_json(run_dir / "stages.json", result)
-    print_table(result)
+    print_stages(result)
     return result

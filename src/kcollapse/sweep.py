@@ -13,8 +13,6 @@ arm and generation), SWEEP/resistance.json (resistance.py per grid point, seeds 
 
 from __future__ import annotations
 
-import base64
-import io
 import itertools
 import json
 import os
@@ -25,12 +23,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from kcollapse import resistance
+from kcollapse import figures, resistance
 from kcollapse.config import ExperimentConfig, apply_overrides, load_config, validate
 from kcollapse.errors import UserError
 from kcollapse.io import atomic_write_json, atomic_write_text
-from kcollapse.report import esc, page, report_after_run
+from kcollapse.pages import img, page, render
+from kcollapse.report import report_after_run, resistance_section
 from kcollapse.rundir import check_out, check_run_dir, load_metrics
+from kcollapse.tables import resistance_lines
 
 
 @dataclass
@@ -204,7 +204,7 @@ def run_on_ray(trials: list[Trial], address: str | None, cpus_per_trial: int, be
 
 # ------------------------------------------------------------------------------------------------ summary
 
-MODEL_METRICS = ["perplexity_heldout", "perplexity", "entropy", "distinct_1", "distinct_2", "repetition_rate",
+MODEL_METRICS = ["perplexity_heldout", "entropy", "distinct_1", "distinct_2", "repetition_rate",
                  "train_tokens"]
 
 
@@ -215,8 +215,9 @@ def summary_frame(trials: list[Trial]) -> pd.DataFrame:
     for t in trials:
         if not (t.dir / "metrics.jsonl").is_file():
             continue
-        m = load_metrics(t.dir)
-        if m.empty:
+        try:
+            m = load_metrics(t.dir)
+        except UserError:  # a trial killed before its first row: nothing to summarise yet
             continue
         domains = sorted({a.domain for a in t.cfg.arms if a.domain})
         acc = m[(m.metric == "accuracy") & m.format.notna()]
@@ -321,61 +322,21 @@ def summarise(trials: list[Trial], out: Path) -> dict:
     result = {"points": points, "dose_response": dose_response(points)}
     atomic_write_json(out / "resistance.json", result)
     for point, p in points.items():
-        for line in resistance.lines(p, f"[{point}] " if len(points) > 1 else ""):
+        for line in resistance_lines(p, f"[{point}] " if len(points) > 1 else ""):
             print(line)
     path = write_report(out, trials, result)
     print(f"wrote {out / 'summary.csv'}, {out / 'resistance.json'} and {path}")
     return result
 
 
-def dose_figure(rows: list[dict]) -> bytes:
-    """PNG: retention at the last generation against the synthetic ratio, one line per series, seeds' range as bars."""
-    import matplotlib  # deferred: matplotlib is slow to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import
-    import numpy as np  # deferred: numpy is slow to import
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    df = pd.DataFrame(rows).dropna(subset=["synthetic_ratio", "retention"])
-    for series, s in df.groupby("series", sort=True):
-        s = s.sort_values("synthetic_ratio")
-        seeds = [np.array([x for x in p if x is not None] or [np.nan], float) for p in s["per_seed"]]
-        err = [s["retention"] - [np.nanmin(p) for p in seeds], [np.nanmax(p) for p in seeds] - s["retention"]]
-        ax.errorbar(s["synthetic_ratio"], s["retention"], yerr=np.clip(np.nan_to_num(err), 0, None), marker="o",
-                    capsize=3, label=series)
-    ax.axhline(0.8, color="k", ls="--", lw=1)
-    ax.axhline(0.6, color="k", ls=":", lw=1)
-    ax.set(xlabel="synthetic ratio (alpha)", ylabel="retention at last generation", title="dose-response")
-    ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def write_report(out: Path, trials: list[Trial], result: dict) -> Path:
-    """SWEEP/report.html: self-contained (figures base64), every text escaped."""
-    done = sum(finished(t.dir) for t in trials)
-    parts = [f"<h1>Sweep report: {esc(out.resolve().name)}</h1><p class='meta'>{len(trials)} trial(s), {done} finished; "
-             f"grid points: {esc(', '.join(dict.fromkeys(t.point for t in trials)))}; seeds per point: "
-             f"{len({t.seed for t in trials})} (paired: each trial holds every arm)</p>", "<h2>Resistance factor</h2>"]
-    for point, p in result["points"].items():
-        parts.append(f"<h3>{esc(point)}</h3>" + resistance.html_section(p, f"{point}: "))
-    rows = result["dose_response"]
-    parts.append("<h2>Dose-response</h2>")
-    if rows:
-        png = base64.b64encode(dose_figure(rows)).decode()
-        parts.append(f"<img alt='dose-response' src='data:image/png;base64,{png}'><table><tr><th>point</th><th>series"
-                     "</th><th>arm</th><th>synthetic ratio</th><th>retention (mean over formats)</th><th>per seed</th>"
-                     "<th>regime</th></tr>" + "".join(
-                         "<tr>" + "".join(f"<td>{esc(str(x))}</td>" for x in (
-                             r["point"], r["series"], r["arm"], r["synthetic_ratio"], resistance.ratio_text(r["retention"]),
-                             ", ".join(resistance.ratio_text(v) for v in r["per_seed"]), r["regime"])) + "</tr>" for r in rows)
-                     + "</table>")
-    parts.append("<h2>Trials</h2><table><tr><th>trial</th><th>seed</th><th>status</th><th>run report</th></tr>" + "".join(
-        f"<tr><td>{esc(t.name)}</td><td>{t.seed}</td><td>{'complete' if finished(t.dir) else 'unfinished'}</td>"
-        f"<td>{esc(str(t.dir.relative_to(out)) + '/report.html')}</td></tr>" for t in trials) + "</table>")
+    """SWEEP/report.html (templates/sweep.html): self-contained (figures base64), every text escaped."""
+    sections = {point: resistance_section(p, f"{point}: ") for point, p in result["points"].items()}
+    dose = img(figures.dose_figure(result["dose_response"]), "dose-response") if result["dose_response"] else None
+    body = render("sweep.html", name=out.resolve().name, trials=trials, finished={t.name: finished(t.dir) for t in trials},
+                  points=list(dict.fromkeys(t.point for t in trials)), seeds=len({t.seed for t in trials}),
+                  sections=sections, dose=dose, rows=result["dose_response"],
+                  reports={t.name: str(t.dir.relative_to(out)) + "/report.html" for t in trials})
     path = out / "report.html"
-    atomic_write_text(path, page(f"kcollapse sweep · {out.resolve().name}", "\n".join(parts)))
+    atomic_write_text(path, page(f"kcollapse sweep · {out.resolve().name}", body))
     return path

@@ -71,8 +71,25 @@ def normalize(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ARTICLES)
 
 
-LETTER_ANSWER = re.compile(  # "B", "(B)", "B. Paris", "Answer: B"
-    r"^\W*(?:(?i:answer)\s*(?:(?i:is))?\s*:?\s*)?\(?([A-J])(?:[).:,\s]|$)")
+LETTER_ANSWER = re.compile(  # "B", "(B)", "B. Paris", "Answer: B", "B because ..."
+    r"^\W*(?:(?i:answer)\s*(?:(?i:is))?\s*:?\s*)?(\()?([A-J])(?:([).:,])|(\s)|$)")
+WORD_LETTERS = {"A", "I"}  # capitals that are also English words: "A city in France" is not option A
+
+
+def letter_answer(answer: str, choices: list[str] | None = None) -> int | None:
+    """The option letter an answer leads with, or None. "A"/"I" followed by a space and more words are read as
+    the article/pronoun ("A city in France ..."), unless what follows is that option's own text ("A Paris")."""
+    m = LETTER_ANSWER.match(answer.strip())
+    if not m:
+        return None
+    letter = m.group(2)
+    index = LETTERS.index(letter)
+    if m.group(4) and not m.group(1) and letter in WORD_LETTERS:  # "A <word>...", no bracket, no punctuation
+        rest = normalize(answer.strip()[m.end():])
+        option = normalize(choices[index]) if choices and index < len(choices) else ""
+        if not rest or not option or not (rest == option or rest.startswith(option + " ")):
+            return None if rest else index
+    return index
 
 
 def judge_mention(answer: str | None, choices: list[str], letters: bool = False) -> tuple[int | None, int | None]:
@@ -85,9 +102,9 @@ def judge_mention(answer: str | None, choices: list[str], letters: bool = False)
     if not answer or not answer.strip():
         return None, None
     if letters:
-        m = LETTER_ANSWER.match(answer.strip())
-        if m and LETTERS.index(m.group(1)) < len(choices):
-            return LETTERS.index(m.group(1)), 0
+        index = letter_answer(answer, choices)
+        if index is not None and index < len(choices):
+            return index, 0
     words = normalize(answer).split()
     best = None  # (position, -length, index)
     for k, choice in enumerate(choices):

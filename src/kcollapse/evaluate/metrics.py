@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from kcollapse.evaluate.freetext import LETTER_ANSWER
+from kcollapse.evaluate.freetext import letter_answer
 from kcollapse.evaluate.permute import gold_position
 from kcollapse.evaluate.textstats import repetition, words
 
@@ -200,7 +200,7 @@ def wellformed(answer: str | None, adherent: bool | None, letters: bool, max_wor
     text = answer.strip()
     if not text or is_degenerate(text) or len(text.split()) > max_words:
         return False
-    return bool(LETTER_ANSWER.match(text)) if letters else True
+    return letter_answer(text) is not None if letters else True
 
 
 def answer_wellformed(records: list[dict]) -> float | None:

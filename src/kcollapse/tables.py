@@ -1,0 +1,92 @@
+"""Plain-text presentation for the terminal: the stage table (`kcollapse stages`) and the resistance lines that
+`kcollapse sweep` prints. Numbers come from stages.py / resistance.py (statistics in stats.py); names that come
+from files are printed as text, never as rich markup or terminal escapes.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from kcollapse.io import sanitize_terminal
+from kcollapse.pages import interval, num
+
+
+def onset_text(value: int | None, last: int | None) -> str:
+    return f"gen {value}" if value is not None else f"not reached by {last}"
+
+
+def b_onset_text(f: dict, last: int | None) -> str:
+    """The B onset, marked when the model is position-biased there (a drift to one letter, not only lost facts)."""
+    text = onset_text(f.get("onset_B"), last)
+    if f.get("onset_B") is not None and f["onset_B"] in f.get("position_bias_generations", []):
+        text += " (position bias)"
+    return text
+
+
+def position_text(f: dict) -> str:
+    gens = f.get("position_bias_generations") or []
+    if not gens:
+        return "-"
+    return f"gen {f['onset_position_bias']}" if f.get("onset_position_bias") is not None else f"gen {gens[0]} (not persistent)"
+
+
+def _plain(text):
+    """A name from a file, printed as itself: no rich markup, no terminal escapes."""
+    return Text(sanitize_terminal(text, 200))
+
+
+def print_stages(result: dict) -> None:
+    """The stage table of a stages.json result, one row per arm x format."""
+    last = result.get("last_generation")
+    colors = {"A": "green", "B": "yellow", "C": "red", "?": "dim"}
+    table = Table(title=_plain(f"stages of {result['run']}"),
+                  caption="A preserved · B knowledge collapse · C instruction-following collapse · model warn = "
+                          "first model whose own text or held-out perplexity moved · lead = first task-centric onset "
+                          "- model warn (model generations; + = warned first)")
+    biased = any(f.get("position_bias_generations") for a in result["arms"].values() for f in a["formats"].values())
+    for col in ["arm", "format", f"gen 0..{last}", "B onset", "C onset"] + ["position bias"] * biased + ["model warn", "lead"]:
+        table.add_column(col, no_wrap=col.startswith("gen"), overflow="fold")
+    for arm, a in result["arms"].items():
+        warn = a["model_centric"]["warning_generation"]
+        for fmt, f in a["formats"].items():
+            gens = [p["generation"] for p in f["generations"]] if "error" not in f else f["generations"]
+            by_gen = dict(zip(gens, f["stages"]))
+            cells = Text()
+            for g in range(0, (last or 0) + 1):
+                s = by_gen.get(g, "·")
+                cells.append(s, style=colors.get(s, "dim"))
+            lead = f.get("lead_time")
+            b_on, c_on = (f["error"], "") if "error" in f else (b_onset_text(f, last), onset_text(f["onset_C"], last))
+            if "error" not in f and not f.get("knowledge_measurable", True):
+                b_on = "n/a: at chance at gen 0"
+            table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, *[position_text(f)] * biased,
+                          "-" if warn is None else f"model {warn}",
+                          "-" if lead is None else f"{lead:+d}")
+        if not a["formats"]:
+            table.add_row(_plain(arm), "(no task metrics)", "", "", "", *[""] * biased,
+                          "-" if warn is None else f"model {warn}", "")
+    Console().print(table)
+
+
+def resistance_lines(summary: dict, label: str = "") -> list[str]:
+    """Plain-text lines: each comparison's onset ratio and decline-rate ratio per format with their intervals,
+    then the regimes."""
+    pct, out = int(round(summary["ci_level"] * 100)), []
+    for c in summary["comparisons"]:
+        out.append(f"{label}{c['domain_arm']} vs {c['general_arm']} on {c['domain']} (retention above chance < "
+                   f"{summary['threshold']}; {len(c.get('seeds') or [])} seed(s); {c.get('method', c.get('error'))}; "
+                   "train tokens " + " vs ".join(f"{t:,.0f}" if t else "?" for t in c["train_tokens"].values()) + ")")
+        if c.get("ci_method"):
+            out.append(f"  intervals: {c['ci_method']}")
+        for fmt, f in c.get("formats", {}).items():
+            out.append(f"  {fmt:<26} resistance factor {f['text']:<20} {pct}% CI {interval(f['ci']):<14} ({f['ci_kind']}); "
+                       f"decline-rate ratio {f['decline_ratio_text']} {pct}% CI {interval(f['decline_ratio_ci'])}; "
+                       f"AUC ratio {num(f['auc_ratio'])} {interval(f['auc_ratio_ci'])}")
+    for arm, fmts in summary["regimes"].items():
+        if "all" in fmts:
+            r = fmts["all"]
+            out.append(f"{label}regime {arm}: {r['regime']} (retention above chance {num(r['retention'])} at generation "
+                       f"{r['generation']}, mean over formats, all subjects)")
+    return out

@@ -212,6 +212,45 @@ def test_hostile_text_in_the_answers_report_section_is_escaped(tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_answers
 
 
+def test_hostile_values_in_run_json_provenance_are_escaped_in_the_report(tiny_gpt2, tmp_path, monkeypatch):
+    """run.json is untrusted too: a real run whose corpus path holds `<script>` and whose host is named with markup
+    shows both as text in the report's provenance section, never as markup."""
+    import platform
+    from html import escape
+
+    from kcollapse.loop import run_experiment
+    from kcollapse.report import write_report
+
+    hostname = HOSTILE[1]
+    monkeypatch.setattr(platform, "node", lambda: hostname)  # what provenance.host records as the hostname
+    corpus = tmp_path / SCRIPT / "corpus.txt"  # the path string holds SCRIPT (directories "<script>alert(1)<", "script>")
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text((DATA / "corpus.txt").read_text())
+    cfg = validate({
+        "model": str(tiny_gpt2), "threads": 1,
+        "corpus": {"path": str(corpus), "min_chars": 20, "heldout_share": 0.1},
+        "block_tokens": 16, "prompt_tokens": 8, "new_tokens": 8, "samples_per_generation": 8, "generations": 1,
+        "arms": [{"name": "a", "synthetic_ratio": 0.5}],
+        "train": {"lr": 1e-3, "max_steps": 1, "chunk_tokens": 64, "batch_size": 2, "grad_accum": 1,
+                  "gradient_checkpointing": False},
+        "eval": {"benchmark": str(DATA / "bench.jsonl"), "limit": 6, "free_text": False, "few_shot_k": 1,
+                 "perplexity_stride": 32, "formats": ["cloze"]},
+    })
+    run = run_experiment(cfg, tmp_path / "run")
+    prov = json.loads((run / "run.json").read_text())["provenance"]
+    assert prov["host"]["hostname"] == hostname and SCRIPT in prov["inputs"]["corpus"]["path"]  # the input is hostile
+
+    page = write_report(run).read_text(encoding="utf-8")
+    section = page[page.index('<h2 id="provenance">'):page.index('<h2 id="config">')]
+    assert escape(prov["inputs"]["corpus"]["path"]) in section and "&lt;script&gt;alert(1)&lt;/script&gt;" in section
+    assert escape(hostname) + " · " in section
+    parser = Tags()
+    parser.feed(section)
+    assert "script" not in parser.tags and "img" not in parser.tags and "a" not in parser.tags
+    assert "onerror" not in parser.attrs and "<script" not in section and "<!--" not in section
+    assert SCRIPT not in page and hostname not in page and "<script" not in page.lower()
+
+
 # ------------------------------------------------------------------------------------------ untrusted artefacts
 def test_remote_code_is_off_unless_asked():
     assert ExperimentConfig().trust_remote_code is False

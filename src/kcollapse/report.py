@@ -27,7 +27,7 @@ from kcollapse import figures, resistance, rigour
 from kcollapse.errors import UserError
 from kcollapse.evaluate.formats import LETTERS
 from kcollapse.io import atomic_write_text
-from kcollapse.pages import esc, img, page, render
+from kcollapse.pages import img, page, render
 from kcollapse.rundir import answer_files, load_metrics
 from kcollapse.stages import LEAD_TIME, classify_run, run_stages
 from kcollapse.tables import b_onset_text, onset_text, position_text
@@ -156,10 +156,6 @@ NAV = [("stages", "Stages"), ("curves", "Curves"), ("order", "Option order"), ("
        ("answers", "Answers"), ("synthetic", "Synthetic text"), ("provenance", "Provenance"), ("config", "Config")]
 
 
-def _img_html(data: bytes, alt: str) -> str:
-    return str(img(data, alt))
-
-
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.html and RUN_DIR/figures/*.png (and RUN_DIR/stages.json when absent or older than the
     metrics); return the report's path."""
@@ -186,10 +182,10 @@ def write_report(run_dir: Path) -> Path:
         written=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), stage_table=stage_table(result),
         timeline=img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline") if timeline else None,
         rule=render("stage_rule.html", rules=result["rules"], lead=LEAD_TIME), resistance=mitigation,
-        middle=[{"id": "order", "title": "Option-order control", "body": Markup(rigour.order_section(result, df, esc))},
+        middle=[{"id": "order", "title": "Option-order control", "body": rigour.order_section(result, df)},
                 {"id": "calibration", "title": "Calibration",
-                 "body": Markup(rigour.calibration_section(run_dir, result, df, fig_dir, esc, _img_html))}],
-        late=[{"id": "provenance", "title": "Provenance", "body": Markup(rigour.provenance_section(run_dir, esc))}],
+                 "body": rigour.calibration_section(run_dir, result, df, fig_dir)}],
+        late=[{"id": "provenance", "title": "Provenance", "body": rigour.provenance_section(run_dir)}],
         config=cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else "(no config.yaml)")
     out = run_dir / "report.html"
     atomic_write_text(out, page(f"kcollapse · {run_dir.resolve().name}", body))

@@ -61,6 +61,19 @@ def assert_strict_jsonl(path: Path, n_rows: int | None = None) -> list[dict]:
     return rows
 
 
+def one_generation_config(model, corpus, *, samples: int, ratio: float, eval: dict):
+    """The smallest real run these tests make: one arm, one generation, one training step, six questions."""
+    return validate({
+        "model": str(model), "threads": 1,
+        "corpus": {"path": str(corpus), "min_chars": 20, "heldout_share": 0.1},
+        "block_tokens": 16, "prompt_tokens": 8, "new_tokens": 8, "samples_per_generation": samples, "generations": 1,
+        "arms": [{"name": "a", "synthetic_ratio": ratio}],
+        "train": {"lr": 1e-3, "max_steps": 1, "chunk_tokens": 64, "batch_size": 2, "grad_accum": 1,
+                  "gradient_checkpointing": False},
+        "eval": {"benchmark": str(DATA / "bench.jsonl"), "limit": 6, "few_shot_k": 1, "perplexity_stride": 32, **eval},
+    })
+
+
 # ------------------------------------------------------------------------------------------ JSONL and files
 def test_hostile_text_keeps_jsonl_valid(tmp_path):
     rows = [{"text": t, "source": "synthetic", "n": float("nan")} for t in HOSTILE + [MEGABYTE]]
@@ -138,16 +151,8 @@ def _hostile_run(tiny_gpt2, tmp_path, monkeypatch) -> Path:
     corpus = tmp_path / "corpus.jsonl"  # the real text is hostile too (JSON escapes of lone surrogates)
     corpus.write_text("".join(json.dumps({"text": f"{line} {HOSTILE[i % len(HOSTILE)]}"}) + "\n"
                               for i, line in enumerate((DATA / "corpus.txt").read_text().splitlines()) if line.strip()))
-    cfg = validate({
-        "model": str(tiny_gpt2), "threads": 1,
-        "corpus": {"path": str(corpus), "min_chars": 20, "heldout_share": 0.1},
-        "block_tokens": 16, "prompt_tokens": 8, "new_tokens": 8, "samples_per_generation": 12, "generations": 1,
-        "arms": [{"name": "a", "synthetic_ratio": 1.0}],
-        "train": {"lr": 1e-3, "max_steps": 1, "chunk_tokens": 64, "batch_size": 2, "grad_accum": 1,
-                  "gradient_checkpointing": False},
-        "eval": {"benchmark": str(DATA / "bench.jsonl"), "limit": 6, "free_text_tokens": 4, "few_shot_k": 1,
-                 "perplexity_stride": 32, "formats": ["short_answer"]},
-    })
+    cfg = one_generation_config(tiny_gpt2, corpus, samples=12, ratio=1.0,
+                                eval={"free_text_tokens": 4, "formats": ["short_answer"]})
     out = run_experiment(cfg, tmp_path / "run")
     report_after_run(out)  # as `kcollapse run` does after the loop
     return out
@@ -226,16 +231,7 @@ def test_hostile_values_in_run_json_provenance_are_escaped_in_the_report(tiny_gp
     corpus = tmp_path / SCRIPT / "corpus.txt"  # the path string holds SCRIPT (directories "<script>alert(1)<", "script>")
     corpus.parent.mkdir(parents=True)
     corpus.write_text((DATA / "corpus.txt").read_text())
-    cfg = validate({
-        "model": str(tiny_gpt2), "threads": 1,
-        "corpus": {"path": str(corpus), "min_chars": 20, "heldout_share": 0.1},
-        "block_tokens": 16, "prompt_tokens": 8, "new_tokens": 8, "samples_per_generation": 8, "generations": 1,
-        "arms": [{"name": "a", "synthetic_ratio": 0.5}],
-        "train": {"lr": 1e-3, "max_steps": 1, "chunk_tokens": 64, "batch_size": 2, "grad_accum": 1,
-                  "gradient_checkpointing": False},
-        "eval": {"benchmark": str(DATA / "bench.jsonl"), "limit": 6, "free_text": False, "few_shot_k": 1,
-                 "perplexity_stride": 32, "formats": ["cloze"]},
-    })
+    cfg = one_generation_config(tiny_gpt2, corpus, samples=8, ratio=0.5, eval={"free_text": False, "formats": ["cloze"]})
     run = run_experiment(cfg, tmp_path / "run")
     prov = json.loads((run / "run.json").read_text())["provenance"]
     assert prov["host"]["hostname"] == hostname and SCRIPT in prov["inputs"]["corpus"]["path"]  # the input is hostile

@@ -33,6 +33,8 @@ TASK_ORDER = ["accuracy", "judged_accuracy", "greedy_rate", "max_freq", "confide
 MODEL_ORDER = ["perplexity", "perplexity_heldout", "entropy", "entropy_std", "distinct_1", "distinct_2",
                "repetition_rate", "fluency"]
 SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part", "answers": "free-text answers"}
+# one colour per text source in every panel, whichever sources a metric has
+SUBJECT_COLOR = {subj: plt.cm.tab10(i) for i, subj in enumerate(SUBJECT_LABEL)}
 
 
 def _literal_text(func):
@@ -149,7 +151,8 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
             for subj, s in adf[(adf["metric"] == name) & adf["format"].isna()].groupby("subject", dropna=False):
                 subj = None if pd.isna(subj) else subj
                 s = s.groupby("generation")["value"].last().sort_index()
-                ax.plot(s.index, s.values, "o-", ms=3, label=SUBJECT_LABEL.get(subj, str(subj)))
+                ax.plot(s.index, s.values, "o-", ms=3, color=SUBJECT_COLOR.get(subj),
+                        label=SUBJECT_LABEL.get(subj, str(subj)))
             mc = arm_stages.get("model_centric", {})
             warned = mc.get("warnings", {}).get(name)
             if warned is not None:  # warnings count models; model w's text is generation w+1's row
@@ -165,9 +168,16 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"arm {arm}", fontsize=12, x=0.01, ha="left")
-    fig.tight_layout()
+    _title_above(fig, f"arm {arm}")
     return _save(fig, path)
+
+
+def _title_above(fig, title: str, size: int = 12) -> None:
+    """A left-aligned figure title in its own strip: tight_layout alone lets it overlap the first row's panel
+    titles, and a title centred on a narrow axes runs off the figure."""
+    fig.suptitle(title, fontsize=size, x=0.01, ha="left")
+    lines = title.count("\n") + 1
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.05 + 0.2 * lines * size / 12) / fig.get_figheight()))
 
 
 @_literal_text
@@ -184,8 +194,7 @@ def timeline_figure(rows: list[tuple[str, dict[int, str]]], last: int, path: Pat
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.set_xticks(range(last + 1), [str(g) for g in range(last + 1)], fontsize=7)
     ax.set_xlabel("generation")
-    ax.set_title("stage timeline (A preserved, B knowledge collapse, C instruction-following collapse)", fontsize=9)
-    fig.tight_layout()
+    _title_above(fig, "stage timeline\nA preserved · B knowledge collapse · C instruction-following collapse", size=9)
     return _save(fig, path)
 
 
@@ -209,8 +218,7 @@ def overlay_figure(panels: list[tuple[str, dict[str, pd.Series]]], path: Path, t
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=12, x=0.01, ha="left")
-    fig.tight_layout()
+    _title_above(fig, title)
     return _save(fig, path)
 
 

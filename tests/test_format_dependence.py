@@ -156,7 +156,8 @@ def test_statistics_match_an_independent_computation(run, result):
     assert inter["logistic"]["p_value"] == pytest.approx(sps.chi2.sf(wald, 1), rel=1e-4)
 
 
-def test_stages_prints_onsets_tests_and_verdict(run, capsys):
+def test_stages_prints_onsets_tests_and_verdict(run, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps at the terminal width; one line per statement here
     stages_command(run)
     out = capsys.readouterr().out
     assert "format dependence found" in out and "this run found no format dependence" in out
@@ -170,8 +171,8 @@ def test_report_shows_the_figure_and_the_verdict(run):
 
     html = write_report(run).read_text()
     assert 'id="format-dependence"' in html and "format dependence found" in html
-    assert "accuracy per format of arm split" in html
-    assert (run / "figures" / "formats_split.png").stat().st_size > 5000
+    assert 'alt="accuracy per format of arm split, together"' in html and "F(5, 276)" in html
+    assert (run / "figures" / "format_dependence.png").stat().st_size > 5000
 
 
 def test_imported_reference_logs_with_one_format_say_so(tmp_path):

@@ -221,8 +221,8 @@ def interaction_tests(answers: pd.DataFrame) -> dict:
                 "df": len(terms)}
     alike = df.pivot_table(index=["question", "generation"], columns="format", values="correct").nunique(axis=1).max() == 1
     if alike:  # the interaction is exactly 0 with no variance: a Wald statistic would be 0/0
-        logistic.update(statistic=None, p_value=None, note="every question answered alike (right or wrong) in every "
-                        "format at every generation: no interaction in the data")
+        logistic.update(statistic=None, p_value=None, note="each question answered alike in every format, at every "
+                        "generation: no interaction in the data")
     elif fit.converged and np.all(np.abs(fit.params) < SEPARATION) and np.isfinite(fit.cov_params().to_numpy()).all():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a rank-deficient covariance: statsmodels' pseudo-inverse

@@ -203,9 +203,9 @@ def interaction_tests(answers: pd.DataFrame) -> dict:
     question is asked in every format and generation); Wald chi-square test of the (formats - 1) interaction
     terms. anova: the paper's form, OLS two-way ANOVA of correctness on format and generation (both factors),
     F(df1, df2) of the interaction (type II), answers treated as independent."""
-    import statsmodels.api as sm  # slow imports: only when an arm has two measurable formats
-    import statsmodels.formula.api as smf
-    from statsmodels.stats.anova import anova_lm
+    import statsmodels.api as sm  # slow imports (statsmodels ~1 s): only when an arm has two measurable formats
+    import statsmodels.formula.api as smf  # slow, as above
+    from statsmodels.stats.anova import anova_lm  # slow, as above
 
     df = answers.assign(format=answers["format"].astype(str), generation=answers["generation"].astype(int),
                         correct=answers["correct"].astype(float)).reset_index(drop=True)

@@ -100,11 +100,11 @@ def balanced_answers(frames: dict[str, dict[int, pd.DataFrame]], formats: list[s
     """Long frame (question, format, generation, correct) of the questions answered in every format at every
     generation the formats share (a balanced design), and what was left out."""
     gens = sorted(set.intersection(*[{g for g, f in frames[fmt].items() if not f.empty} for fmt in formats]))
-    ids = None
+    ids = pd.Index([])
     for fmt in formats:
         for g in gens:
             idx = frames[fmt][g].index
-            ids = idx if ids is None else ids.intersection(idx)
+            ids = idx if fmt == formats[0] and g == gens[0] else ids.intersection(idx)
     all_ids = set().union(*[set(f.index) for fmt in formats for f in frames[fmt].values()])
     rows = [pd.DataFrame({"question": ids, "format": fmt, "generation": g,
                           "correct": frames[fmt][g].loc[ids, "correct"].to_numpy(float)})
@@ -130,7 +130,8 @@ def analyse(frames: dict[str, dict[int, pd.DataFrame]], formats: dict[str, dict]
             "measurable": measurable, "generations": gens,
             "accuracy": [{"generation": g, "accuracy": float(acc[0, i]), "ci": stats.interval(acc[:, i], rules.ci)}
                          for i, g in enumerate(gens)],
-            "onset_C": _onset(_c_flags(frames[fmt], gens, ids, counts, rules, signal, fluency.get(fmt, {})), gens, rules)}
+            "onset_C": _onset(_c_flags(frames[fmt], gens, ids, counts, rules, signal, fluency.get(fmt, {})), gens,
+                              rules)}
         if measurable:
             ret = stats.retention(acc, acc[:, :1], chance, rules.min_margin)
             valid = np.isfinite(ret[:, 0])  # a resample whose generation 0 is not above chance measures nothing
@@ -140,7 +141,8 @@ def analyse(frames: dict[str, dict[int, pd.DataFrame]], formats: dict[str, dict]
             entry["onset_B"] = _onset(flags, gens, rules, valid)
         else:
             entry["onset_B"] = None
-            entry["note"] = f"at chance at generation 0 (accuracy {formats[fmt]['baseline']['accuracy']:.2f}): no knowledge to lose"
+            acc0 = formats[fmt]["baseline"]["accuracy"]
+            entry["note"] = f"at chance at generation 0 (accuracy {acc0:.2f}): no knowledge to lose"
         out["formats"][fmt] = entry
     tested = [f for f in usable if out["formats"][f]["measurable"]]
     out["tested_formats"] = tested
@@ -154,14 +156,27 @@ def analyse(frames: dict[str, dict[int, pd.DataFrame]], formats: dict[str, dict]
         out["verdict"] = f"{what}, so format dependence cannot be tested"
         return out
     answers, left = balanced_answers(frames, tested)
+    if len(left["generations"]) < 2 or answers["question"].nunique() < 2:
+        out["message"] = (f"formats {', '.join(tested)}: fewer than two questions or generations answered in all of "
+                          "them, so no format x generation interaction to test")
+        out["format_dependent"] = None
+        out["verdict"] = out["message"]
+        return out
     out["interaction"] = {**stats.interaction_tests(answers), **left}
-    out["non_overlapping"] = [
-        {"stage": s, "formats": [a, b], "onsets": [out["formats"][a][f"onset_{s}"]["text"], out["formats"][b][f"onset_{s}"]["text"]]}
-        for s in ("B", "C") for i, a in enumerate(tested) for b in tested[i + 1:]
-        if out["formats"][a][f"onset_{s}"]["ci"] and out["formats"][b][f"onset_{s}"]["ci"]
-        and (out["formats"][a][f"onset_{s}"]["reached"] or out["formats"][b][f"onset_{s}"]["reached"])
-        and not _overlap(out["formats"][a][f"onset_{s}"]["ci"], out["formats"][b][f"onset_{s}"]["ci"])]
+    out["non_overlapping"] = separated(out["formats"], tested)
     out.update(verdict(out))
+    return out
+
+
+def separated(formats: dict[str, dict], tested: list[str]) -> list[dict]:
+    """Pairs of formats whose B (or C) onset intervals do not overlap, at least one of the two reached."""
+    out = []
+    for stage in ("onset_B", "onset_C"):
+        for i, a in enumerate(tested):
+            for b in tested[i + 1:]:
+                oa, ob = formats[a][stage], formats[b][stage]
+                if oa["ci"] and ob["ci"] and (oa["reached"] or ob["reached"]) and not _overlap(oa["ci"], ob["ci"]):
+                    out.append({"stage": stage[-1], "formats": [a, b], "onsets": [oa["text"], ob["text"]]})
     return out
 
 
@@ -170,7 +185,8 @@ def interaction_text(inter: dict) -> tuple[str, float | None]:
     logistic fit is not finite)."""
     lg, av = inter["logistic"], inter["anova"]
     if lg.get("p_value") is not None:
-        return f"format x generation interaction chi2({lg['df']}) = {lg['statistic']:.2f}, {p_text(lg['p_value'])}", lg["p_value"]
+        text = f"format x generation interaction chi2({lg['df']}) = {lg['statistic']:.2f}, {p_text(lg['p_value'])}"
+        return text, lg["p_value"]
     if av.get("p_value") is not None:
         return (f"format x generation interaction F({av['df1']}, {av['df2']}) = {av['F']:.2f}, {p_text(av['p_value'])} "
                 f"(two-way ANOVA; logistic test not computed: {lg.get('note')})"), av["p_value"]

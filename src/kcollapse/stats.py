@@ -206,6 +206,7 @@ def interaction_tests(answers: pd.DataFrame) -> dict:
     import statsmodels.api as sm  # slow imports (statsmodels ~1 s): only when an arm has two measurable formats
     import statsmodels.formula.api as smf  # slow, as above
     from statsmodels.stats.anova import anova_lm  # slow, as above
+    from statsmodels.tools.sm_exceptions import PerfectSeparationError  # slow, as above
 
     df = answers.assign(format=answers["format"].astype(str), generation=answers["generation"].astype(int),
                         correct=answers["correct"].astype(float)).reset_index(drop=True)
@@ -214,18 +215,22 @@ def interaction_tests(answers: pd.DataFrame) -> dict:
     clusters = df["question"].factorize()[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # separation warnings: checked below on the coefficients
-        fit = smf.glm(LOGISTIC_MODEL, data=df, family=sm.families.Binomial()).fit(
-            cov_type="cluster", cov_kwds={"groups": clusters})
-    terms = [n for n in fit.params.index if ":generation" in n]
+        try:
+            fit = smf.glm(LOGISTIC_MODEL, data=df, family=sm.families.Binomial()).fit(
+                cov_type="cluster", cov_kwds={"groups": clusters})
+        except (PerfectSeparationError, np.linalg.LinAlgError):  # older statsmodels raise on separation
+            fit = None
     logistic = {"test": "Wald chi-square, cluster-robust by question", "model": "logit P(correct) ~ C(format) * generation",
-                "df": len(terms)}
+                "df": len(out["formats"]) - 1}
     alike = df.pivot_table(index=["question", "generation"], columns="format", values="correct").nunique(axis=1).max() == 1
     if alike:  # the interaction is exactly 0 with no variance: a Wald statistic would be 0/0
         logistic.update(statistic=None, p_value=None, note="each question answered alike in every format, at every "
                         "generation: no interaction in the data")
-    elif fit.converged and np.all(np.abs(fit.params) < SEPARATION) and np.isfinite(fit.cov_params().to_numpy()).all():
+    elif (fit is not None and fit.converged and np.all(np.abs(fit.params) < SEPARATION)
+          and np.isfinite(fit.cov_params().to_numpy()).all()):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a rank-deficient covariance: statsmodels' pseudo-inverse
+            terms = [n for n in fit.params.index if ":generation" in n]
             wald = fit.wald_test(", ".join(f"{t} = 0" for t in terms), scalar=True, use_f=False)
         base = float(fit.params["generation"])  # the first format's trend; the others' differ by their term
         slopes = {f: base + float(fit.params.get(f"C(format)[T.{f}]:generation", 0.0)) for f in out["formats"]}

@@ -1,6 +1,6 @@
 """Plain-text presentation for the terminal: the stage table and the format dependence (`kcollapse stages`), and
-the resistance lines that `kcollapse sweep` prints. Numbers come from stages.py / resistance.py (statistics in stats.py); names that come
-from files are printed as text, never as rich markup or terminal escapes.
+the resistance lines that `kcollapse sweep` prints. Numbers come from stages.py / dependence.py / resistance.py
+(statistics in stats.py); names that come from files are printed as text, never as rich markup or terminal escapes.
 """
 
 from __future__ import annotations

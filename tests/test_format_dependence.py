@@ -189,3 +189,18 @@ def test_imported_reference_logs_with_one_format_say_so(tmp_path):
         assert d["interaction"] is None and d["format_dependent"] is None
         assert d["message"] == "one measurable format (short_answer): no format x generation interaction to test"
         assert list(d["formats"]) == ["short_answer"] and d["formats"]["short_answer"]["onset_B"]["ci"] is not None
+
+
+def test_imported_reference_logs_with_three_formats_are_tested(tmp_path):
+    """The fixture logs ask three formats that lose the same questions at the same time: a real test, no
+    dependence; the interaction is exactly 0, so the logistic Wald test says why it is not computed."""
+    from kcollapse.reference import import_command
+
+    import_command(Path(__file__).parent / "fixtures" / "reference_logs", tmp_path / "run")
+    d = classify_run(tmp_path / "run", RULES)["arms"]["ratio_100"]["format_dependence"]
+    assert d["tested_formats"] == ["multiple_choice", "multiple_choice_few_shot", "short_answer"]
+    inter = d["interaction"]
+    assert inter["questions_left_out"] == 6  # generation 2 lacks global_facts/short_answer: its questions leave
+    assert inter["logistic"]["p_value"] is None and "answered alike" in inter["logistic"]["note"]
+    assert (inter["anova"]["df1"], inter["anova"]["df2"]) == (6, 6 * 3 * 4 - 12) and inter["anova"]["p_value"] > 0.99
+    assert d["format_dependent"] is False and d["verdict"].startswith("this run found no format dependence")

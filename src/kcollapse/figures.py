@@ -192,7 +192,7 @@ def timeline_figure(rows: list[tuple[str, dict[int, str]]], last: int, path: Pat
 @_literal_text
 def format_figure(dependence: dict[str, dict], path: Path, level: int = 95) -> bytes:
     """One panel per arm: accuracy over generations, one line per format with its bootstrap CI band (the arm's
-    `format_dependence` block of stages.json); formats at chance at generation 0 dashed; the verdict as subtitle."""
+    `format_dependence` block of stages.json); formats at chance at generation 0 thin and dashed, without a band; the verdict in the title."""
     cols = min(3, max(1, len(dependence)))
     rows = max(1, math.ceil(len(dependence) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 3.8 * rows), squeeze=False)
@@ -202,9 +202,11 @@ def format_figure(dependence: dict[str, dict], path: Path, level: int = 95) -> b
         for fmt, f in d["formats"].items():
             pts = f["accuracy"]
             gens = [p["generation"] for p in pts]
-            label = fmt if f["measurable"] else f"{fmt} (at chance at gen 0)"
-            ax.plot(gens, [p["accuracy"] for p in pts], "o-" if f["measurable"] else "o--", ms=3, color=colors[fmt],
-                    label=label)
+            if not f["measurable"]:  # at chance: drawn thin, without a band, so the measurable formats stay readable
+                ax.plot(gens, [p["accuracy"] for p in pts], "--", lw=1, alpha=0.6, color=colors[fmt],
+                        label=f"{fmt} (at chance at gen 0)")
+                continue
+            ax.plot(gens, [p["accuracy"] for p in pts], "o-", ms=3, color=colors[fmt], label=fmt)
             band = [p["ci"] or [np.nan, np.nan] for p in pts]
             ax.fill_between(gens, [b[0] for b in band], [b[1] for b in band], color=colors[fmt], alpha=0.15, lw=0)
         ax.set_ylim(0, 1.02)
@@ -215,7 +217,7 @@ def format_figure(dependence: dict[str, dict], path: Path, level: int = 95) -> b
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=6, loc="best")
     for ax in list(axes.flat)[len(dependence):]:
         ax.axis("off")
     fig.tight_layout()

@@ -124,11 +124,12 @@ def _answers(run: Path, arm: str, formats) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_statistics_match_an_independent_computation(run, result):
+@pytest.mark.parametrize("arm", ["split", "together"])
+def test_statistics_match_an_independent_computation(run, result, arm):
     """ANOVA F from cell means (balanced design) with scipy's F tail; the logistic Wald statistic from a numpy
     Newton fit and the question-clustered sandwich (statsmodels' small-sample factor G/(G-1) (N-1)/(N-K))."""
-    df = _answers(run, "together", ["short_answer", "cloze"])
-    inter = result["arms"]["together"]["format_dependence"]["interaction"]
+    df = _answers(run, arm, ["short_answer", "cloze"])
+    inter = result["arms"][arm]["format_dependence"]["interaction"]
     y = df["correct"].to_numpy()
     cell = df.groupby(["format", "generation"])["correct"].transform("mean").to_numpy()
     fm = df.groupby("format")["correct"].transform("mean").to_numpy()
@@ -154,6 +155,11 @@ def test_statistics_match_an_independent_computation(run, result):
     wald = beta[3] ** 2 / cov[3, 3]
     assert inter["logistic"]["statistic"] == pytest.approx(wald, rel=1e-4)
     assert inter["logistic"]["p_value"] == pytest.approx(sps.chi2.sf(wald, 1), rel=1e-4)
+
+
+def test_same_run_same_numbers(run, result):
+    again = classify_run(run, RULES)
+    assert json.dumps(again["arms"], sort_keys=True) == json.dumps(result["arms"], sort_keys=True)
 
 
 def test_stages_prints_onsets_tests_and_verdict(run, capsys, monkeypatch):

@@ -96,9 +96,10 @@ def _overlap(a: list, b: list) -> bool:
     return a[0] <= hi_b and b[0] <= hi_a
 
 
-def balanced_answers(frames: dict[str, dict[int, pd.DataFrame]], formats: list[str]) -> tuple[pd.DataFrame, dict]:
-    """Long frame (question, format, generation, correct) of the questions answered in every format at every
-    generation the formats share (a balanced design), and what was left out."""
+def balanced_answers(frames: dict[str, dict[int, pd.DataFrame]], formats: list[str],
+                     col: str = "correct") -> tuple[pd.DataFrame, dict]:
+    """Long frame (question, format, generation, correct: the frames' `col`) of the questions answered in every
+    format at every generation the formats share (a balanced design), and what was left out."""
     gens = sorted(set.intersection(*[{g for g, f in frames[fmt].items() if not f.empty} for fmt in formats]))
     ids = pd.Index([])
     for fmt in formats:
@@ -107,9 +108,10 @@ def balanced_answers(frames: dict[str, dict[int, pd.DataFrame]], formats: list[s
             ids = idx if fmt == formats[0] and g == gens[0] else ids.intersection(idx)
     all_ids = set().union(*[set(f.index) for fmt in formats for f in frames[fmt].values()])
     rows = [pd.DataFrame({"question": ids, "format": fmt, "generation": g,
-                          "correct": frames[fmt][g].loc[ids, "correct"].to_numpy(float)})
+                          "correct": frames[fmt][g].loc[ids, col].to_numpy(float)})
             for fmt in formats for g in gens]
-    return pd.concat(rows, ignore_index=True), {"generations": gens, "questions_left_out": len(all_ids) - len(ids)}
+    answers = pd.concat(rows, ignore_index=True).dropna() if rows else pd.DataFrame(columns=["question", "correct"])
+    return answers, {"generations": gens, "questions_left_out": len(all_ids) - answers["question"].nunique()}
 
 
 def analyse(frames: dict[str, dict[int, pd.DataFrame]], formats: dict[str, dict], fluency: dict[str, dict],
@@ -121,9 +123,10 @@ def analyse(frames: dict[str, dict[int, pd.DataFrame]], formats: dict[str, dict]
     out: dict[str, Any] = {"method": METHOD, "alpha": ALPHA, "formats": {}}
     ids = pd.Index(sorted(set().union(*[set(fr.index) for f in usable for fr in frames[f].values()])))
     counts = stats.resample_counts(len(ids), rules.n_boot, np.random.default_rng([rules.seed, 16]))
+    acc_col = "correct" if rules.accuracy == "accuracy" else "judged_correct"  # the stage rule's accuracy
     for fmt in usable:
         gens = sorted(frames[fmt])
-        acc = stats.weighted_means(counts, _matrix(frames[fmt], gens, ids, "correct"))
+        acc = stats.weighted_means(counts, _matrix(frames[fmt], gens, ids, acc_col))
         chance = formats[fmt]["baseline"]["chance"]
         measurable = bool(formats[fmt].get("knowledge_measurable"))
         entry: dict[str, Any] = {
@@ -155,7 +158,7 @@ def analyse(frames: dict[str, dict[int, pd.DataFrame]], formats: dict[str, dict]
         out["format_dependent"] = None
         out["verdict"] = f"{what}, so format dependence cannot be tested"
         return out
-    answers, left = balanced_answers(frames, tested)
+    answers, left = balanced_answers(frames, tested, acc_col)
     if len(left["generations"]) < 2 or answers["question"].nunique() < 2:
         out["message"] = (f"formats {', '.join(tested)}: fewer than two questions or generations answered in all of "
                           "them, so no format x generation interaction to test")

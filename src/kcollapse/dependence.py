@@ -151,7 +151,7 @@ def analyse(frames: dict[str, dict[int, pd.DataFrame]], formats: dict[str, dict]
     out["tested_formats"] = tested
     out["excluded"] = {f: out["formats"][f]["note"] for f in usable if f not in tested}
     out["excluded"].update({f: "no generation-0 answers or a single generation" for f in formats if f not in usable})
-    out["interaction"] = None
+    out["interaction"], out["non_overlapping"] = None, []
     if len(tested) < 2:
         what = f"one measurable format ({tested[0]})" if tested else "no measurable format"
         out["message"] = f"{what}: no format x generation interaction to test"

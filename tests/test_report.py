@@ -88,7 +88,8 @@ def test_report_escapes_hostile_text_and_embeds_figures(hostile_report):
     for section in ["Stages", "Curves per arm", "Option-order control", "Calibration", "Answers to chosen questions",
                     "Synthetic training text", "Provenance", "Config"]:
         assert section in text
-    assert {p.name for p in (run / "figures").glob("*.png")} == {"timeline.png", "arm_alpha_1.0.png", "reliability.png"}
+    assert {p.name for p in (run / "figures").glob("*.png")} == {"timeline.png", "arm_alpha_1.0.png", "reliability.png",
+                                                                    "format_dependence.png"}
     assert json.loads((run / "stages.json").read_text())["arms"]
 
 

@@ -1,5 +1,5 @@
-"""Figures of a collapse study: metric curves per arm with the stages shaded, the stage timeline, overlays,
-reliability diagrams.
+"""Figures of a collapse study: metric curves per arm with the stages shaded, the stage timeline, accuracy per
+format (format dependence), overlays, reliability diagrams.
 
 Every figure is drawn with matplotlib (Agg, no display needed), saved as PNG under RUN_DIR/figures/ and returned
 as bytes so that report.py can embed it (base64) in one self-contained HTML page. Stage bands: none for A,
@@ -195,6 +195,41 @@ def timeline_figure(rows: list[tuple[str, dict[int, str]]], last: int, path: Pat
     ax.set_xticks(range(last + 1), [str(g) for g in range(last + 1)], fontsize=7)
     ax.set_xlabel("generation")
     _title_above(fig, "stage timeline\nA preserved · B knowledge collapse · C instruction-following collapse", size=9)
+    return _save(fig, path)
+
+
+@_literal_text
+def format_figure(dependence: dict[str, dict], path: Path, level: int = 95) -> bytes:
+    """One panel per arm: accuracy over generations, one line per format with its bootstrap CI band (the arm's
+    `format_dependence` block of stages.json); formats at chance at generation 0 thin and dashed, without a band; the verdict in the title."""
+    cols = min(3, max(1, len(dependence)))
+    rows = max(1, math.ceil(len(dependence) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 3.8 * rows), squeeze=False)
+    formats = list(dict.fromkeys(f for d in dependence.values() for f in d["formats"]))
+    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(formats)}
+    for ax, (arm, d) in zip(axes.flat, dependence.items()):
+        for fmt, f in d["formats"].items():
+            pts = f["accuracy"]
+            gens = [p["generation"] for p in pts]
+            if not f["measurable"]:  # at chance: drawn thin, without a band, so the measurable formats stay readable
+                ax.plot(gens, [p["accuracy"] for p in pts], "--", lw=1, alpha=0.6, color=colors[fmt],
+                        label=f"{fmt} (at chance at gen 0)")
+                continue
+            ax.plot(gens, [p["accuracy"] for p in pts], "o-", ms=3, color=colors[fmt], label=fmt)
+            band = [p["ci"] or [np.nan, np.nan] for p in pts]
+            ax.fill_between(gens, [b[0] for b in band], [b[1] for b in band], color=colors[fmt], alpha=0.15, lw=0)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{arm}: {'format dependence found' if d.get('format_dependent') else d['verdict'].split(':')[0]}",
+                     fontsize=9)
+        ax.set_xlabel("generation", fontsize=8)
+        ax.set_ylabel(f"accuracy ({level}% CI band)", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
+    for ax in list(axes.flat)[len(dependence):]:
+        ax.axis("off")
+    fig.tight_layout()
     return _save(fig, path)
 
 

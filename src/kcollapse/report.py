@@ -30,7 +30,7 @@ from kcollapse.io import atomic_write_text
 from kcollapse.pages import img, page, render
 from kcollapse.rundir import answer_files, load_metrics
 from kcollapse.stages import LEAD_TIME, classify_run, run_stages
-from kcollapse.tables import b_onset_text, onset_text, position_text
+from kcollapse.tables import b_onset_text, onset_text, position_text, test_lines
 
 SAMPLES_PER_GEN = 2
 QUESTIONS_SHOWN = 6
@@ -56,6 +56,25 @@ def stage_table(result: dict, label: str | None = None) -> Markup:
                          "warn": a["model_centric"]["warning_generation"], "warnings": a["model_centric"]["warnings"],
                          "lead": f.get("lead_time"), "why": "; ".join(last_pt.get("reasons", [])) or f.get("error", "")})
     return render("stage_table.html", rows=rows, last=last, label=label)
+
+
+def format_section(result: dict, fig_dir: Path) -> Markup | None:
+    """Format dependence per arm (stages.json's `format_dependence`): verdict, onsets with intervals, tests, and
+    one figure of accuracy per format with CI bands."""
+    deps = {arm: a["format_dependence"] for arm, a in result["arms"].items() if (a.get("format_dependence") or {}).get("formats")}
+    if not deps:
+        return None
+    rules = result.get("rules", {})
+    pct = int(round(rules.get("ci", 0.95) * 100))
+    arms = [{"name": arm, "verdict": d["verdict"], "lines": test_lines(d.get("interaction")) or [d.get("message", "")],
+             "formats": [{"name": fmt, "measurable": "yes" if f["measurable"] else "no (at chance at gen 0)",
+                          "accuracy0": f["accuracy"][0]["accuracy"], "onset_C": f["onset_C"]["text"],
+                          "onset_B": f["onset_B"]["text"] if f["onset_B"] else "n/a"}
+                         for fmt, f in d["formats"].items()]}
+            for arm, d in deps.items()]
+    figure = img(figures.format_figure(deps, fig_dir / "format_dependence.png", pct),
+                 "accuracy per format of arm " + ", ".join(deps))
+    return render("format_dependence.html", arms=arms, figure=figure, pct=pct, margin=rules.get("min_margin", 0.05))
 
 
 def resistance_section(summary: dict, label: str = "") -> Markup:
@@ -152,7 +171,7 @@ def with_derived(df: pd.DataFrame, result: dict) -> pd.DataFrame:
     return pd.concat([df, extra], ignore_index=True) if not extra.empty else df
 
 
-NAV = [("stages", "Stages"), ("curves", "Curves"), ("order", "Option order"), ("calibration", "Calibration"),
+NAV = [("stages", "Stages"), ("format-dependence", "Format dependence"), ("curves", "Curves"), ("order", "Option order"), ("calibration", "Calibration"),
        ("answers", "Answers"), ("synthetic", "Synthetic text"), ("provenance", "Provenance"), ("config", "Config")]
 
 
@@ -182,6 +201,7 @@ def write_report(run_dir: Path) -> Path:
         written=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), stage_table=stage_table(result),
         timeline=img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline") if timeline else None,
         rule=render("stage_rule.html", rules=result["rules"], lead=LEAD_TIME), resistance=mitigation,
+        formats=format_section(result, fig_dir),
         middle=[{"id": "order", "title": "Option-order control", "body": rigour.order_section(result, df)},
                 {"id": "calibration", "title": "Calibration",
                  "body": rigour.calibration_section(run_dir, result, df, fig_dir)}],

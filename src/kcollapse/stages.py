@@ -50,7 +50,7 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from kcollapse import stats
+from kcollapse import dependence, stats
 from kcollapse.config import PAPER_FORMATS, StageRules
 from kcollapse.errors import UserError
 from kcollapse.evaluate import freetext, metrics
@@ -358,6 +358,8 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
         formats.sort(key=lambda f: PAPER_FORMATS.index(f) if f in PAPER_FORMATS else len(PAPER_FORMATS))
         model = _model_centric(df, arm, rules)
         arm_out: dict[str, Any] = {"model_centric": model, "formats": {}}
+        frames: dict[str, dict[int, pd.DataFrame]] = {}  # format -> generation -> answers (format dependence)
+        fluency_of: dict[str, dict[int, float | None]] = {}
         for fmt in formats:
             gens = sorted(set(adf.loc[adf["format"] == fmt, "generation"]) | {g for a, g, f in files if a == arm and f == fmt})
             all_gens.update(gens)
@@ -372,6 +374,8 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
                 if "fluency" not in mvals[g] and g in fluency.index and "fluency" not in table.columns:
                     mvals[g]["fluency"] = float(fluency[g])
             base = answers_frame(files[(arm, 0, fmt)], rules) if (arm, 0, fmt) in files else None
+            frames[fmt] = {0: base} if base is not None and not base.empty else {}
+            fluency_of[fmt] = {g: mvals[g].get("fluency") for g in gens}
             chance = rules.chance if rules.chance is not None else stats.DEFAULT_CHANCE
             points = []
             if 0 not in gens:
@@ -382,6 +386,8 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
                 boot = None
                 if base is not None and not base.empty and (arm, g, fmt) in files:
                     cur = answers_frame(files[(arm, g, fmt)], rules)
+                    if g and not cur.empty:
+                        frames[fmt][g] = cur
                     if not cur.empty and len(cur.index.intersection(base.index)):
                         boot = _paired_bootstrap(cur, base, rules, seed=g)
                         chance = boot["chance"]
@@ -415,6 +421,8 @@ def classify_run(run_dir: Path, cfg: StageRules | None = None, rules_file: Path 
                 "lead_time": (drop - warn) if drop is not None and warn is not None else None,
                 "lead_time_definition": LEAD_TIME,
             }
+        signal = FORMAT_SIGNALS[rules.format_signal][0]
+        arm_out["format_dependence"] = dependence.analyse(frames, arm_out["formats"], fluency_of, rules, signal)
         result["arms"][arm] = arm_out
     all_gens.update(int(g) for g in df["generation"])
     result["last_generation"] = max(all_gens) if all_gens else None

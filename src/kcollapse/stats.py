@@ -22,13 +22,25 @@ compute none of them themselves. Definitions (docs/STATISTICS.md says the same w
   per generation). Decline-rate ratio = general arm's rate / domain arm's rate (the paper's "~15x"); a domain
   arm that does not decline (rate <= 0) while the general arm does gives an infinite ratio, neither arm
   declining an undefined one (reported as the share of such resamples).
+- Onset of a per-generation condition (stage B or C) in each resample: the first generation from which it holds
+  for `persist` generations in a row; one that never happens is censored: ">= the last generation", an open end.
+  The interval is censoring-aware like the onset ratio's: [lower percentile of (onset, or N when censored), upper
+  percentile of (onset, or infinity when censored)].
+- Format x generation interaction on per-question correctness (`interaction_tests`): a logistic regression with
+  question-clustered (sandwich) covariance and the Wald test of the interaction terms, and the paper's two-way
+  ANOVA F test on the same answers.
 """
 
 from __future__ import annotations
 
 import warnings
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_CHANCE = 0.25  # 4 choices: what chance is when no answers file tells the number of choices
 HOMEOSTATIC, BOUNDED = 0.8, 0.6
@@ -148,3 +160,89 @@ def area(ret: np.ndarray, gens, axis: int = -1) -> np.ndarray:
     g = np.asarray(gens, float)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.trapezoid(np.asarray(ret, float), g, axis=axis) / (g[-1] - g[0]) if len(g) > 1 else np.nan
+
+
+# ------------------------------------------------------------------------------------------------ onsets
+
+def onset_generations(flags: np.ndarray, gens, persist: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `flags` (replicates x generations): (first generation from which the flag holds `persist`
+    generations in a row, fewer at the end; reached). Never reached: censored at the last generation."""
+    flags = np.asarray(flags, bool)
+    g = np.asarray(gens)
+    window = np.stack([flags[:, i:i + persist].all(axis=1) for i in range(flags.shape[1])], axis=1)
+    reached = window.any(axis=1)
+    return np.where(reached, g[window.argmax(axis=1)], g[-1]), reached
+
+
+def onset_interval(onset, reached, last: int, valid=None, ci: float = 0.95):
+    """Censoring-aware interval of per-replicate onsets (row 0, the data, excluded): each replicate bounds the
+    onset by [onset, onset], or [last, inf) when censored; `valid` False drops a replicate (nothing measured).
+    Returns bounds_interval's (interval, kind); an open upper end is None ("lower bound")."""
+    onset = np.asarray(onset, float)
+    lower = np.where(reached, onset, float(last))
+    upper = np.where(reached, onset, np.inf)
+    if valid is not None:
+        lower, upper = np.where(valid, lower, np.nan), np.where(valid, upper, np.nan)
+    return bounds_interval(lower, upper, ci)
+
+
+# ------------------------------------------------------------------------------------------------ interaction
+
+LOGISTIC_MODEL = "correct ~ C(format) * generation"  # per-format linear trend in log-odds
+ANOVA_MODEL = "correct ~ C(format) * C(generation)"  # the paper's two-way ANOVA: generation as a factor
+SEPARATION = 15.0  # |log-odds coefficient| beyond this: a format all right or all wrong, no finite fit
+
+
+def interaction_tests(answers: pd.DataFrame) -> dict:
+    """Does accuracy's course over generations depend on the format? Tests of the format x generation
+    interaction on per-question correctness (`answers`: columns question, format, generation, correct 0/1; every
+    question in every format x generation).
+
+    logistic: logit P(correct) ~ format * generation (format a factor, generation a number: each format its own
+    rate of loss in log-odds per generation), maximum likelihood, covariance cluster-robust by question (the same
+    question is asked in every format and generation); Wald chi-square test of the (formats - 1) interaction
+    terms. anova: the paper's form, OLS two-way ANOVA of correctness on format and generation (both factors),
+    F(df1, df2) of the interaction (type II), answers treated as independent."""
+    import statsmodels.api as sm  # slow imports (statsmodels ~1 s): only when an arm has two measurable formats
+    import statsmodels.formula.api as smf  # slow, as above
+    from statsmodels.stats.anova import anova_lm  # slow, as above
+    from statsmodels.tools.sm_exceptions import PerfectSeparationError  # slow, as above
+
+    df = answers.assign(format=answers["format"].astype(str), generation=answers["generation"].astype(int),
+                        correct=answers["correct"].astype(float)).reset_index(drop=True)
+    out: dict = {"n_answers": int(len(df)), "n_questions": int(df["question"].nunique()),
+                 "formats": sorted(df["format"].unique()), "generations": sorted(int(g) for g in df["generation"].unique())}
+    clusters = df["question"].factorize()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # separation warnings: checked below on the coefficients
+        try:
+            fit = smf.glm(LOGISTIC_MODEL, data=df, family=sm.families.Binomial()).fit(
+                cov_type="cluster", cov_kwds={"groups": clusters})
+        except (PerfectSeparationError, np.linalg.LinAlgError):  # older statsmodels raise on separation
+            fit = None
+    logistic = {"test": "Wald chi-square, cluster-robust by question", "model": "logit P(correct) ~ C(format) * generation",
+                "df": len(out["formats"]) - 1}
+    alike = df.pivot_table(index=["question", "generation"], columns="format", values="correct").nunique(axis=1).max() == 1
+    if alike:  # the interaction is exactly 0 with no variance: a Wald statistic would be 0/0
+        logistic.update(statistic=None, p_value=None, note="each question answered alike in every format, at every "
+                        "generation: no interaction in the data")
+    elif (fit is not None and fit.converged and np.all(np.abs(fit.params) < SEPARATION)
+          and np.isfinite(fit.cov_params().to_numpy()).all()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a rank-deficient covariance: statsmodels' pseudo-inverse
+            terms = [n for n in fit.params.index if ":generation" in n]
+            wald = fit.wald_test(", ".join(f"{t} = 0" for t in terms), scalar=True, use_f=False)
+        base = float(fit.params["generation"])  # the first format's trend; the others' differ by their term
+        slopes = {f: base + float(fit.params.get(f"C(format)[T.{f}]:generation", 0.0)) for f in out["formats"]}
+        logistic.update(statistic=float(wald.statistic), p_value=float(wald.pvalue), log_odds_per_generation=slopes)
+    else:
+        logistic.update(statistic=None, p_value=None,
+                        note="no finite fit: a format is (almost) all right or all wrong at every generation")
+    out["logistic"] = logistic
+    ols = smf.ols(ANOVA_MODEL, data=df).fit()
+    row = anova_lm(ols, typ=2).loc["C(format):C(generation)"]
+    finite = bool(np.isfinite(row["F"]))  # not when every cell is all right or all wrong (no residual variance)
+    out["anova"] = {"test": "two-way ANOVA (OLS, type II)", "model": ANOVA_MODEL,
+                    "F": float(row["F"]) if finite else None, "df1": int(row["df"]), "df2": int(ols.df_resid),
+                    "p_value": float(row["PR(>F)"]) if finite else None}
+    return out

@@ -1,6 +1,6 @@
-"""Plain-text presentation for the terminal: the stage table (`kcollapse stages`) and the resistance lines that
-`kcollapse sweep` prints. Numbers come from stages.py / resistance.py (statistics in stats.py); names that come
-from files are printed as text, never as rich markup or terminal escapes.
+"""Plain-text presentation for the terminal: the stage table and the format dependence (`kcollapse stages`), and
+the resistance lines that `kcollapse sweep` prints. Numbers come from stages.py / dependence.py / resistance.py
+(statistics in stats.py); names that come from files are printed as text, never as rich markup or terminal escapes.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from kcollapse.dependence import p_text
 from kcollapse.io import sanitize_terminal
 from kcollapse.pages import interval, num
 
@@ -32,9 +33,9 @@ def position_text(f: dict) -> str:
     return f"gen {f['onset_position_bias']}" if f.get("onset_position_bias") is not None else f"gen {gens[0]} (not persistent)"
 
 
-def _plain(text):
+def _plain(text, limit: int = 200):
     """A name from a file, printed as itself: no rich markup, no terminal escapes."""
-    return Text(sanitize_terminal(text, 200))
+    return Text(sanitize_terminal(text, limit))
 
 
 def print_stages(result: dict) -> None:
@@ -68,6 +69,47 @@ def print_stages(result: dict) -> None:
             table.add_row(_plain(arm), "(no task metrics)", "", "", "", *[""] * biased,
                           "-" if warn is None else f"model {warn}", "")
     Console().print(table)
+    print_format_dependence(result)
+
+
+def test_lines(inter: dict | None) -> list[str]:
+    """The interaction tests of a format_dependence block in words (empty without a test)."""
+    if not inter:
+        return []
+    lg, av = inter["logistic"], inter["anova"]
+    size = (f"{inter['n_questions']} questions x {len(inter['formats'])} formats x {len(inter['generations'])} "
+            f"generations" + (f", {inter['questions_left_out']} question(s) not in every cell left out"
+                              if inter.get("questions_left_out") else ""))
+    logistic = (f"chi2({lg['df']}) = {lg['statistic']:.2f}, {p_text(lg['p_value'])}" if lg.get("p_value") is not None
+                else f"not computed ({lg.get('note')})")
+    anova = (f"F({av['df1']}, {av['df2']}) = {av['F']:.2f}, {p_text(av['p_value'])}" if av.get("p_value") is not None
+             else f"F({av['df1']}, {av['df2']}) not computable (no variance within cells)")
+    return [f"logistic regression, {lg['model']}, Wald test of the interaction (cluster-robust by question): {logistic}",
+            f"two-way ANOVA (the paper's form), {av['model']}: {anova}", size]
+
+
+def print_format_dependence(result: dict) -> None:
+    """Per arm: each format's B and C onsets with their intervals, the interaction tests and the verdict."""
+    console = Console()
+    for arm, a in result["arms"].items():
+        d = a.get("format_dependence")
+        if not d or not d.get("formats"):
+            continue
+        pct = int(round(result.get("rules", {}).get("ci", 0.95) * 100))
+        table = Table(title=_plain(f"format dependence of {arm}"),
+                      caption=f"onset: first generation from which the stage's effect-size condition holds "
+                              f"{result.get('rules', {}).get('persist', 2)} generations in a row (the stage table's "
+                              "onsets also need the drop to be significant); CI: paired bootstrap over questions; "
+                              "never reached: >= last generation, an open bound")
+        for col in ["format", "measurable", f"B onset [{pct}% CI]", f"C onset [{pct}% CI]"]:
+            table.add_column(col, overflow="fold")
+        for fmt, f in d["formats"].items():
+            table.add_row(_plain(fmt), "yes" if f["measurable"] else "no (at chance at gen 0)",
+                          f["onset_B"]["text"] if f["onset_B"] else "n/a", f["onset_C"]["text"])
+        console.print(table)
+        for line in test_lines(d.get("interaction")) or [d.get("message", "")]:
+            console.print(_plain(f"  {line}", 600))
+        console.print(_plain(f"  verdict: {d['verdict']}", 600))
 
 
 def resistance_lines(summary: dict, label: str = "") -> list[str]:

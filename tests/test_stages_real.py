@@ -129,3 +129,8 @@ def test_each_signal_alone(real_run):
     assert oov["generations"][3]["reasons"] == ["fluency 1.00 -> 0.00"]  # one short word: well-formed, same length
     for arm in ("long", "oov"):
         assert arms[arm]["model_centric"]["warnings"] == {}  # text and perplexity untouched
+    # format dependence: a C onset set by the fluency row alone has no sampling interval to compare
+    oov_c = arms["oov"]["format_dependence"]["formats"]["short_answer"]["onset_C"]
+    assert oov_c["generation"] == 3 and oov_c["resampled"] is False and "fluency" in oov_c["text"]
+    long_c = arms["long"]["format_dependence"]["formats"]["short_answer"]["onset_C"]
+    assert long_c["generation"] == 3 and long_c["resampled"] is True

@@ -47,8 +47,8 @@ def _matrix(frames: dict[int, pd.DataFrame], gens: list[int], ids: pd.Index, col
     return out
 
 
-def _c_flags(frames, gens, ids, counts, rules: StageRules, signal: str, fluency: dict) -> np.ndarray:
-    """replicates x generations: does C's effect-size condition hold (generation 0 never)?"""
+def _c_flags(frames, gens, ids, counts, rules: StageRules, signal: str) -> np.ndarray:
+    """replicates x generations: do C's per-question conditions hold (generation 0 never)?"""
     flags = np.zeros((counts.shape[0], len(gens)), bool)
     present = lambda m: not np.isnan(m[0]).all() and not np.isnan(m[1:]).all()  # noqa: E731
     for col in (signal, "adherent"):
@@ -67,13 +67,18 @@ def _c_flags(frames, gens, ids, counts, rules: StageRules, signal: str, fluency:
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = means / means[:, :1]
         flags |= (means[:, :1] > 0) & ((ratio < 1 / rules.words_factor) | (ratio > rules.words_factor))
-    v0 = fluency.get(gens[0])
-    if v0:  # a metric row per generation (not per question): the same in every replicate
-        drop = np.array([(v0 - fluency[g]) / abs(v0) >= rules.fluency_drop if fluency.get(g) is not None else False
-                         for g in gens])
-        flags |= drop[None, :]
     flags[:, 0] = False
     return flags
+
+
+def _fluency_flags(gens, rules: StageRules, fluency: dict) -> np.ndarray:
+    """1 x generations: has the answers' fluency fallen by `fluency_drop`? One metric row per generation, not per
+    question, so it is the same in every replicate: an onset it sets has no sampling interval."""
+    v0 = fluency.get(gens[0])
+    drop = np.array([bool(v0) and fluency.get(g) is not None and (v0 - fluency[g]) / abs(v0) >= rules.fluency_drop
+                     for g in gens])
+    drop[0] = False
+    return drop[None, :]
 
 
 def _onset(flags, gens, rules: StageRules, valid=None) -> dict:
@@ -82,6 +87,17 @@ def _onset(flags, gens, rules: StageRules, valid=None) -> dict:
     point = int(on[0]) if reached[0] else None
     return {"generation": point, "reached": bool(reached[0]), "ci": ci, "ci_kind": kind,
             "text": onset_text(point, gens[-1], ci)}
+
+
+def _onset_c(per_question, fluency, gens, rules: StageRules) -> dict:
+    """C's onset from every condition; when the fluency row alone moves it earlier than the per-question signals do,
+    its interval comes from no resampling (`resampled` false) and no comparison of intervals may read it."""
+    out = _onset(per_question | fluency, gens, rules)
+    alone = _onset(per_question, gens, rules)
+    out["resampled"] = alone["generation"] == out["generation"]
+    if not out["resampled"]:
+        out["text"] += " (set by the answers' fluency, one number per generation: no sampling interval)"
+    return out
 
 
 def onset_text(point: int | None, last: int, ci) -> str:
@@ -133,8 +149,8 @@ def analyse(frames: dict[str, dict[int, pd.DataFrame]], formats: dict[str, dict]
             "measurable": measurable, "generations": gens,
             "accuracy": [{"generation": g, "accuracy": float(acc[0, i]), "ci": stats.interval(acc[:, i], rules.ci)}
                          for i, g in enumerate(gens)],
-            "onset_C": _onset(_c_flags(frames[fmt], gens, ids, counts, rules, signal, fluency.get(fmt, {})), gens,
-                              rules)}
+            "onset_C": _onset_c(_c_flags(frames[fmt], gens, ids, counts, rules, signal),
+                                _fluency_flags(gens, rules, fluency.get(fmt, {})), gens, rules)}
         if measurable:
             ret = stats.retention(acc, acc[:, :1], chance, rules.min_margin)
             valid = np.isfinite(ret[:, 0])  # a resample whose generation 0 is not above chance measures nothing
@@ -172,13 +188,16 @@ def analyse(frames: dict[str, dict[int, pd.DataFrame]], formats: dict[str, dict]
 
 
 def separated(formats: dict[str, dict], tested: list[str]) -> list[dict]:
-    """Pairs of formats whose B (or C) onset intervals do not overlap, at least one of the two reached."""
+    """Pairs of formats whose B (or C) onset intervals do not overlap, at least one of the two reached, both
+    intervals from the resampling (a fluency-set C onset has none)."""
     out = []
     for stage in ("onset_B", "onset_C"):
         for i, a in enumerate(tested):
             for b in tested[i + 1:]:
                 oa, ob = formats[a][stage], formats[b][stage]
-                if oa["ci"] and ob["ci"] and (oa["reached"] or ob["reached"]) and not _overlap(oa["ci"], ob["ci"]):
+                resampled = oa.get("resampled", True) and ob.get("resampled", True)
+                if (oa["ci"] and ob["ci"] and resampled and (oa["reached"] or ob["reached"])
+                        and not _overlap(oa["ci"], ob["ci"])):
                     out.append({"stage": stage[-1], "formats": [a, b], "onsets": [oa["text"], ob["text"]]})
     return out
 

@@ -56,7 +56,7 @@ def factor_text(t_domain: int, censored_domain: bool, t_general: int, censored_g
 
 def ratio_text(value: float | None) -> str:
     if value is None or np.isnan(value):
-        return "n/a (neither arm declines)"
+        return "n/a (the general arm does not decline)"
     return "inf (only the general arm declines)" if np.isinf(value) else f"{value:.2f}"
 
 

@@ -20,8 +20,8 @@ compute none of them themselves. Definitions (docs/STATISTICS.md says the same w
   censoring (only those whose generation 0 is not above chance: they measure nothing).
 - Decline rate of an arm = minus the least-squares slope of retention over generations 0..N (retention lost
   per generation). Decline-rate ratio = general arm's rate / domain arm's rate (the paper's "~15x"); a domain
-  arm that does not decline (rate <= 0) while the general arm does gives an infinite ratio, neither arm
-  declining an undefined one (reported as the share of such resamples).
+  arm that does not decline (rate <= 0) while the general arm does gives an infinite ratio; a general arm that
+  does not decline gives an undefined one (nothing to resist; reported as the share of such resamples).
 - Onset of a per-generation condition (stage B or C) in each resample: the first generation from which it holds
   for `persist` generations in a row; one that never happens is censored: ">= the last generation", an open end.
   The interval is censoring-aware like the onset ratio's: [lower percentile of (onset, or N when censored), upper
@@ -149,10 +149,12 @@ def decline_rate(ret: np.ndarray, gens, axis: int = -1) -> np.ndarray:
 
 
 def rate_ratio(rate_general, rate_domain) -> np.ndarray:
-    """General arm's decline rate / domain arm's: inf when only the general arm declines, NaN when neither does."""
+    """General arm's decline rate / domain arm's: inf when only the general arm declines, NaN when the general arm
+    does not decline (the ratio asks how much slower the domain arm loses what the general arm loses; a negative
+    ratio would sit outside every interval drawn for it)."""
     rg, rd = np.asarray(rate_general, float), np.asarray(rate_domain, float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(rd > 0, rg / rd, np.where(rg > 0, np.inf, np.nan))
+        return np.where(rg > 0, np.where(rd > 0, rg / rd, np.inf), np.nan)
 
 
 def area(ret: np.ndarray, gens, axis: int = -1) -> np.ndarray:

@@ -48,10 +48,10 @@ from kcollapse.config import PAPER_FORMATS, CorpusConfig, EvalConfig, Experiment
 from kcollapse.evaluate import build_prompts, load_benchmark
 from kcollapse.evaluate import benchmark as bmk
 from kcollapse.evaluate.formats import get_format, option_targets
-from kcollapse.evaluate.freetext import first_line, generate_answers, through_first_line
+from kcollapse.evaluate.freetext import first_line, generate_answers
 from kcollapse.evaluate.scoring import LETTER, combine, encode_options, score_options
 from kcollapse.io import atomic_write_json
-from kcollapse.lm import encode, encode_prompts, generate, max_positions, newline_ids
+from kcollapse.lm import encode, encode_prompts, generate, max_positions, newline_ids, through_first_line
 from kcollapse.models import load_model
 from kcollapse.organism.gen0 import build_model, build_tokenizer, gen0_key, world_texts
 from kcollapse.pretrained import PACKAGED, resolve_model
@@ -247,21 +247,24 @@ def build_inputs(subject: Subject, world, n_questions: int, n_prompts: int, n_sy
     when it has one and the recipe uses it), tokenised by the engine (its BOS); synthesis prompts cut from the
     organism corpus with its tokenizer by `make_blocks` and wrapped by `synthesis_inputs` (BOS or chat template)."""
     recipe, tok = subject.recipe, subject.tokenizer
-    ecfg = EvalConfig(**{**recipe.eval.model_dump(), "limit": -(-n_questions // 3)})  # three subjects
+    ecfg = EvalConfig(**{**recipe.eval.model_dump(), "limit": -(-max(n_questions, n_prompts) // 3)})  # 3 subjects
     items = load_benchmark(ecfg, world.benchmark_path)
-    questions = [q for q in items if bmk.is_question(q)][:n_questions]
+    questions = [q for q in items if bmk.is_question(q)][: max(n_questions, n_prompts)]
     pool = bmk.few_shot_pool(items)
     scoring = {}
     for name in PAPER_FORMATS:  # the four the paper evaluates
         fmt = get_format(name)
         scoring[name] = (fmt.answer, build_prompts(fmt, questions, pool, ecfg, tok, recipe.chat.use_template),
                          [option_targets(fmt, q) for q in questions])
+    free_prompts = scoring["multiple_choice"][1][:n_prompts]
+    scoring = {name: (answer, prompts[:n_questions], targets[:n_questions])
+               for name, (answer, prompts, targets) in scoring.items()}
     texts = corpus_mod.load_texts(CorpusConfig(path="organism"), world.corpus_path)
     blocks = corpus_mod.make_blocks(tok, texts[: n_synth * 4], recipe.block_tokens)
     # whole prompts only: equal lengths, so the reference's batches of 4 need no padding (the paper's did not)
     blocks = [b for b in blocks if len(b.ids) >= recipe.prompt_tokens][:n_synth]
     _, synth = synthesis_inputs(tok, blocks, recipe)
-    return Inputs(scoring, scoring["multiple_choice"][1][:n_prompts], synth, [t.text for t in texts[:2000]])
+    return Inputs(scoring, free_prompts, synth, [t.text for t in texts[:2000]])
 
 
 # ------------------------------------------------------------------------------------------------ the pairs
@@ -334,7 +337,10 @@ def reference_synthesis(model, tokenizer, prompts: list, max_new_tokens: int, sa
     return out_texts
 
 
-def bench_synthesis(subject: Subject, prompts, repeats, n_greedy: int):
+def bench_synthesis(subject: Subject, prompts, repeats, n_greedy: int, n_reference: int | None = None):
+    """New tokens/s sampling as the loop does vs the reference's way; the reference's rate may be read on the first
+    `n_reference` prompts only (its batches of 4 are alike, so its rate does not depend on how many it runs), ours on
+    all of them (at least one full batch of `sampling.batch_size`)."""
     model, tok, recipe = subject.model, subject.tokenizer, subject.recipe
     s = recipe.sampling
 
@@ -345,7 +351,8 @@ def bench_synthesis(subject: Subject, prompts, repeats, n_greedy: int):
         return generate(model, tok, some, recipe.new_tokens, do_sample=sample, temperature=s.temperature,
                         top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty, batch_size=s.batch_size)
 
-    t_theirs, theirs = _median(lambda: reference_synthesis(model, tok, prompts, recipe.new_tokens, s), repeats)
+    some = prompts[:n_reference] if n_reference else prompts
+    t_theirs, theirs = _median(lambda: reference_synthesis(model, tok, some, recipe.new_tokens, s), repeats)
     t_ours, texts = _median(lambda: ours(), repeats)
     n_theirs, n_ours = n_tokens(theirs), n_tokens(texts)
     few = prompts[:n_greedy]  # same numbers: greedy texts of the reference's way and of ours agree
@@ -457,14 +464,14 @@ def results_table(rows: list[dict], mode: str) -> Table:
     return table
 
 
-ORGANISM_SIZE = {"tiny": dict(questions=6, prompts=6, synth=8, greedy=8, repeats=1, steps=4),
-                 "quick": dict(questions=18, prompts=24, synth=32, greedy=16, repeats=3, steps=12),
-                 "full": dict(questions=90, prompts=64, synth=128, greedy=16, repeats=5, steps=40)}
+ORGANISM_SIZE = {"tiny": dict(questions=6, prompts=6, synth=8, synth_reference=8, greedy=8, repeats=1, steps=4),
+                 "quick": dict(questions=18, prompts=24, synth=32, synth_reference=32, greedy=16, repeats=3, steps=12),
+                 "full": dict(questions=90, prompts=64, synth=128, synth_reference=128, greedy=16, repeats=5, steps=40)}
 # a real model: the reference's way runs 4-8 full-vocabulary forwards per question, about a second each at 262k
-# tokens on 2 cores, so fewer inputs, one repeat; synthesis fills one of our batches (the preset's 32)
-REAL_SIZE = {"tiny": ORGANISM_SIZE["tiny"],
-             "quick": dict(questions=3, prompts=8, synth=32, greedy=4, repeats=1, steps=3),
-             "full": dict(questions=6, prompts=16, synth=32, greedy=8, repeats=1, steps=3)}
+# tokens on 2 cores, so fewer inputs, one repeat (the same in --quick and full); synthesis fills one of our batches
+# (the preset's 32) and reads the reference's rate on 8 prompts (two of its batches)
+REAL_SIZE = dict.fromkeys(("quick", "full"), dict(questions=6, prompts=16, synth=32, synth_reference=8, greedy=4,
+                                                  repeats=1, steps=3)) | {"tiny": ORGANISM_SIZE["tiny"]}
 
 
 def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = None, models: list[str] | None = None,
@@ -490,7 +497,7 @@ def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = No
             inputs = build_inputs(subject, world, size["questions"], size["prompts"], size["synth"])
             rows += bench_scoring(subject, inputs.scoring, size["repeats"])
             rows += bench_free_text(subject, inputs.free_prompts, size["repeats"])
-            rows += bench_synthesis(subject, inputs.synth, size["repeats"], size["greedy"])
+            rows += bench_synthesis(subject, inputs.synth, size["repeats"], size["greedy"], size["synth_reference"])
             rows += bench_training(subject, inputs.train_texts, size["steps"], size["repeats"], work,
                                    512 if _tiny else 2048, one_thread=not (quick or subject.pretrained)
                                    or subject.label.startswith("organism"))

@@ -65,15 +65,34 @@ def encode_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 @lru_cache(maxsize=4)
+def _pieces(tokenizer) -> tuple[str, ...]:
+    return tuple(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+
+
 def newline_ids(tokenizer) -> tuple[int, ...]:
     """Every token whose text holds a line break (free-text answers stop at the first)."""
-    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return tuple(i for i, piece in enumerate(pieces) if "\n" in piece)
+    return tuple(i for i, piece in enumerate(_pieces(tokenizer)) if "\n" in piece)
+
+
+@lru_cache(maxsize=4)
+def line_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token id (bool tensors): its text holds a line break; it holds text (not only whitespace); a line break
+    follows text within it. Decoding stops at the first line break after some text (`stop_after_line`)."""
+    pieces = _pieces(tokenizer)
+    return (torch.tensor(["\n" in p for p in pieces]), torch.tensor([bool(p.strip()) for p in pieces]),
+            torch.tensor(["\n" in p.lstrip() for p in pieces]))
 
 
 def max_positions(model) -> int | None:
     cfg = model.config
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def through_first_line(text: str) -> str:
+    """The text up to the end of its first non-empty line (leading blank lines kept, the line break dropped)."""
+    lead = len(text) - len(text.lstrip())
+    end = text.find("\n", lead)
+    return text if end < 0 else text[:end]
 
 
 def fit(prompt_ids: list[int], room: int, bos_id: int | None) -> list[int]:
@@ -303,10 +322,12 @@ class LM:
     # -- generation ----------------------------------------------------------------------------------------
     def generate_until(self, prompts: list[str] | list[list[int]], max_new_tokens: int, *, do_sample: bool = False,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                       seed: int = 0, stop_at_newline: bool = False, progress=None) -> list[str]:
+                       seed: int = 0, stop_at_newline: bool = False, stop_after_line: bool = False,
+                       progress=None) -> list[str]:
         """Continuations (decoded, without the prompt) for each prompt (text or ids), in the prompts' order, each
-        stopped at EOS (and with `stop_at_newline` at its first line break, the text cut there). Sampling is
-        seeded per batch: the same prompts, settings and seed give the same texts on the same machine."""
+        stopped at EOS (and with `stop_at_newline` at its first line break, the text cut there; with
+        `stop_after_line` at the first line break after some text, the text cut there: leading blank lines kept).
+        Sampling is seeded per batch: the same prompts, settings and seed give the same texts on the same machine."""
         tok = self.tokenizer
         texts = iter(encode_prompts(tok, [p for p in prompts if isinstance(p, str)]))
         ids = [next(texts) if isinstance(p, str) else list(p) for p in prompts]
@@ -318,6 +339,7 @@ class LM:
         stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
         if stop_at_newline:
             stop_ids += list(newline_ids(tok))
+        lines = tuple(t.to(self.device) for t in line_tables(tok)) if stop_after_line else None
         outputs: list[str] = [""] * len(ids)
         task = progress.add_task("generate", total=len(ids)) if progress is not None else None
         for b, rows in enumerate(batches(ids, self.batch_size)):
@@ -334,11 +356,15 @@ class LM:
             prefix = torch.tensor([ids[rows[0]][:shared]], device=self.device) if shared else None
             torch.manual_seed(seed * 1_000_003 + b)
             new = self.decode_batch(input_ids.to(self.device), attention.to(self.device), max_new_tokens, stop_ids,
-                                    prefix=prefix, min_new_tokens=0 if stop_at_newline else 1, do_sample=do_sample,
-                                    temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+                                    prefix=prefix, min_new_tokens=0 if stop_at_newline or lines else 1,
+                                    lines=lines, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
             for r, i in enumerate(rows):
                 text = tok.decode(new[r], skip_special_tokens=True)
-                outputs[i] = scrub_surrogates(text.split("\n", 1)[0] if stop_at_newline else text)
+                if stop_at_newline:
+                    text = text.split("\n", 1)[0]
+                elif lines:
+                    text = through_first_line(text)
+                outputs[i] = scrub_surrogates(text)
             if task is not None:
                 progress.advance(task, len(rows))
         if task is not None:
@@ -347,13 +373,14 @@ class LM:
 
     def decode_batch(self, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, stop_ids: list[int], *,
                      min_new_tokens: int = 0, prefix: torch.Tensor | None = None, do_sample: bool = False,
-                     **how) -> list[list[int]]:
+                     lines: tuple | None = None, **how) -> list[list[int]]:
         """The sampling loop of one left-padded batch: new token ids per row (each row's stop token included).
 
         One prefill forward, then one single-token forward per step on the KV cache, logits at the last position
         only; rows that stopped are dropped from the batch and the cache, so the remaining steps cost only what is
         still being written. `prefix` [1, P]: tokens every row starts with (before its padding), run once and
-        copied into each row's cache. `how`: temperature, top_p, top_k, repetition_penalty (see token_choice)."""
+        copied into each row's cache. `lines`: `line_tables` (on the device): a row also stops at the first line
+        break after some text. `how`: temperature, top_p, top_k, repetition_penalty (see token_choice)."""
         choose = token_choice(do_sample=do_sample, **how)
         device = input_ids.device
         stops = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
@@ -375,6 +402,7 @@ class LM:
             scores = logits[:, -1].float()
             rows = list(range(input_ids.shape[0]))
             new: list[list[int]] = [[] for _ in rows]
+            wrote_text = torch.zeros(len(rows), dtype=torch.bool, device=device)  # `lines`: a row's text has begun
             for k in range(max_new_tokens):
                 if stops is not None and k < min_new_tokens:
                     scores[:, stops] = -float("inf")
@@ -385,15 +413,19 @@ class LM:
                     new[r].append(t)
                 if k == max_new_tokens - 1:
                     break
-                if stops is not None:
-                    going = ~torch.isin(token, stops)
+                if stops is not None or lines is not None:
+                    going = ~torch.isin(token, stops) if stops is not None else torch.ones_like(token, dtype=torch.bool)
+                    if lines is not None:  # a line break after text: in this token, or after earlier ones
+                        has_break, has_text, text_then_break = (t[token] for t in lines)
+                        going &= ~(text_then_break | (wrote_text & has_break))
+                        wrote_text |= has_text
                     if not going.all():
                         if not going.any():
                             break
                         keep = going.nonzero()[:, 0]
                         cache.batch_select_indices(keep)
                         rows = [rows[i] for i in keep.tolist()]
-                        attention, token = attention[keep], token[keep]
+                        attention, token, wrote_text = attention[keep], token[keep], wrote_text[keep]
                         seen = seen[keep] if penalise else None
                 attention = torch.cat([attention, attention.new_ones((len(rows), 1))], 1)
                 if penalise:

@@ -135,3 +135,23 @@ def test_real_gemma3_270m_knows_facts_and_runs_one_generation(tmp_path):
     answers = [json.loads(line) for f in (out / "gen_0" / "answers").glob("*__cloze.jsonl")
                for line in f.read_text().splitlines()]
     assert sum(bool(a["answer_text"]) for a in answers) >= len(answers) // 2  # real answers, not blank lines
+
+
+def test_large_vocabulary_sampling_draws_from_the_distribution():
+    """Inverse-CDF sampling (vocabularies from FAST_SAMPLING_VOCAB on) draws each token at its probability, never a
+    token of probability 0, and is seeded by the torch generator like multinomial."""
+    from kcollapse.lm import FAST_SAMPLING_VOCAB, sample
+
+    vocab = FAST_SAMPLING_VOCAB + 7
+    probs = torch.zeros(500, vocab)
+    probs[:, 3], probs[:, vocab - 1], probs[:, 1000] = 0.5, 0.3, 0.2  # the last token too: no off-by-one
+    draws = []
+    torch.manual_seed(0)
+    for _ in range(20):
+        draws.append(sample(probs))
+    drawn = torch.cat(draws)
+    counts = {t: (drawn == t).float().mean().item() for t in (3, 1000, vocab - 1)}
+    assert set(drawn.tolist()) == {3, 1000, vocab - 1}
+    assert abs(counts[3] - 0.5) < 0.02 and abs(counts[vocab - 1] - 0.3) < 0.02 and abs(counts[1000] - 0.2) < 0.02
+    torch.manual_seed(0)
+    assert torch.equal(sample(probs), draws[0])

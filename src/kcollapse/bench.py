@@ -468,9 +468,9 @@ ORGANISM_SIZE = {"tiny": dict(questions=6, prompts=6, synth=8, synth_reference=8
                  "quick": dict(questions=18, prompts=24, synth=32, synth_reference=32, greedy=16, repeats=3, steps=12),
                  "full": dict(questions=90, prompts=64, synth=128, synth_reference=128, greedy=16, repeats=5, steps=40)}
 # a real model: the reference's way runs 4-8 full-vocabulary forwards per question, about a second each at 262k
-# tokens on 2 cores, so fewer inputs, one repeat (the same in --quick and full); synthesis fills one of our batches
-# (the preset's 32) and reads the reference's rate on 8 prompts (two of its batches)
-REAL_SIZE = dict.fromkeys(("quick", "full"), dict(questions=6, prompts=16, synth=32, synth_reference=8, greedy=4,
+# tokens on 2 cores, so fewer inputs, one repeat (the same in --quick and full); free text and synthesis fill one of
+# our batches (the preset's 32), and the reference's synthesis rate is read on 8 prompts (two of its batches)
+REAL_SIZE = dict.fromkeys(("quick", "full"), dict(questions=6, prompts=32, synth=32, synth_reference=8, greedy=4,
                                                   repeats=1, steps=3)) | {"tiny": ORGANISM_SIZE["tiny"]}
 
 

@@ -155,3 +155,27 @@ def test_large_vocabulary_sampling_draws_from_the_distribution():
     assert abs(counts[3] - 0.5) < 0.02 and abs(counts[vocab - 1] - 0.3) < 0.02 and abs(counts[1000] - 0.2) < 0.02
     torch.manual_seed(0)
     assert torch.equal(sample(probs), draws[0])
+
+
+def test_every_perplexity_window_of_a_sentencepiece_model_opens_with_bos(tmp_path, tiny_gguf, monkeypatch):
+    """A long text is read in windows; with a tokenizer that opens text with <bos> (Gemma) every window does, and
+    every token after the first is still scored exactly once."""
+    from conftest import corpus_lines
+    from kcollapse.lm import LM, encode
+    from kcollapse.models import load_model
+    from kcollapse.pretrained import resolve_model
+
+    model, tok = load_model(resolve_model(str(tiny_gguf), tmp_path / "cache"), device="cpu")
+    text = " ".join(corpus_lines())
+    n_tokens = len(encode(tok, text))
+    assert n_tokens > 3 * 256  # several windows of the tiny model's 256-token context
+    firsts, real_forward = [], LM.forward
+
+    def spy(self, **kw):
+        firsts.extend(kw["input_ids"][:, 0].tolist())
+        return real_forward(self, **kw)
+
+    monkeypatch.setattr(LM, "forward", spy)
+    (logprob, scored), = LM(model, tok, batch_size=4).loglikelihood_rolling([text], stride=64)
+    assert scored == n_tokens - 1 and logprob < 0
+    assert len(firsts) > 3 and set(firsts) == {tok.bos_token_id}

@@ -282,18 +282,24 @@ class LM:
     def loglikelihood_rolling(self, texts: list[str], *, stride: int = 256) -> list[tuple[float, int]]:
         """Per text: (summed log-prob of every token after the first, number of those tokens), read in windows of
         the model's context (at most MAX_WINDOW tokens) that advance by `stride`, each token scored once, with as
-        much left context as the window allows. Logits in chunks of at most LOGITS_BUDGET floats."""
+        much left context as the window allows; when the tokenizer opens a text with BOS (Gemma, Llama), every window
+        does (Gemma reads text without it as noise). Logits in chunks of at most LOGITS_BUDGET floats."""
         window = min(self.max_positions or MAX_WINDOW, MAX_WINDOW)
         stride = min(stride, window)
         pieces = []  # (text index, ids, number of tokens at the end to score)
         encoded = iter(encode_prompts(self.tokenizer, [t for t in texts if t]))
+        bos = self.tokenizer.bos_token_id
         for k, text in enumerate(texts):
             ids = next(encoded) if text else []
+            opens = bos is not None and bool(ids) and ids[0] == bos  # a SentencePiece model reads text after <bos>
             prev_end = 0
             for begin in range(0, max(len(ids) - 1, 1), stride):
                 end = min(begin + window, len(ids))
                 if end - begin >= 2:
-                    pieces.append((k, ids[begin:end], min(end - prev_end, end - begin - 1)))
+                    piece = ids[begin:end]
+                    if begin and opens:  # later windows open with <bos> too, in place of their farthest context token
+                        piece = [bos] + piece[1:]
+                    pieces.append((k, piece, min(end - prev_end, end - begin - 1)))
                 prev_end = end
                 if end == len(ids):
                     break

@@ -20,7 +20,8 @@ would give THAT model (its tokenizer, BOS, chat template, its recipe: a packaged
              achieved FLOP/s (6 x params x tokens / s) as a share of a large fp32 `torch.matmul` (utilisation); at
              one thread (each arm worker of the default experiment) and at every core (generation 0; real models)
 Targets: TARGETS / UTILISATION_TARGET on the organism, REAL_TARGETS / REAL_UTILISATION_TARGET on a real model.
-Every figure is the median of several repeats; compare ratios only within one run (shared machines are noisy).
+Every organism figure is the median of several repeats, a real model's of one (its baselines are slow); compare
+ratios only within one run (shared machines are noisy).
 Also printed: a run's wall time per phase (its `seconds_*` metrics) and this process's peak RSS.
 """
 

@@ -14,7 +14,8 @@ from kcollapse.evaluate.scoring import score_options
 from kcollapse.models import load_model
 from test_eval_scoring import items
 
-ROW_KEYS = {"name", "baseline", "format", "model", "ours", "theirs", "ratio", "unit", "threads"}
+ROW_KEYS = {"name", "baseline", "format", "model", "ours", "theirs", "ratio", "unit", "threads", "precision", "target",
+            "passed"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,65 @@ def test_bench_command_writes_contract_rows(tmp_path, monkeypatch):
         assert (r["format"] is not None) == (r["name"] == "scoring")
         assert r["ours"] > 0 and r["theirs"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["theirs"])
         assert isinstance(r["threads"], int) and r["threads"] >= 1
+        assert r["precision"] == "float32"
+        assert r["passed"] is None if r["target"] is None else r["passed"] == (
+            (r["ours"] if r["unit"].startswith("%") else r["ratio"]) >= r["target"])
     assert {r["baseline"] for r in rows if r["name"] == "scoring"} == {"reference", "lm-eval"}
+    assert {r["model"] for r in rows} == {"organism (tiny) 0.1M"}  # --quick: no real model unless asked for
+
+
+def test_real_model_rows_use_each_models_own_inputs(tmp_path, monkeypatch, tiny_gguf, tiny_gemma):
+    """`--model`: a SentencePiece Gemma from a GGUF file (BOS, its own vocabulary) and a Gemma checkpoint with a
+    chat template get their own rows, built from inputs made with their own tokenizer as the loop and evaluator
+    make them; every pair computes the same numbers on both sides (scores 1e-4 relative, equal greedy texts)."""
+    from kcollapse.bench import REAL_TARGETS, build_inputs, pretrained_subject
+    from kcollapse.lm import encode_prompts
+    from kcollapse.organism import build_world, default_cache_dir
+    from kcollapse.config import OrganismConfig
+
+    monkeypatch.setenv("KCOLLAPSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    world = build_world(OrganismConfig(), default_cache_dir())
+    sp = pretrained_subject(str(tiny_gguf))
+    tok = sp.tokenizer
+    inputs = build_inputs(sp, world, 4, 4, 4)
+    prompt_tokens = sp.recipe.prompt_tokens
+    for ids in inputs.synth:  # as build_mix: the block's first tokens in Gemma's vocabulary, after its <bos>
+        assert ids[0] == tok.bos_token_id == 2 and len(ids) == prompt_tokens + 1 and 2 not in ids[1:]
+        assert tok.decode(ids[1:]).strip() and tok.decode(ids[1:]) in " ".join(t for t in inputs.train_texts)
+    for answer, prompts, targets in inputs.scoring.values():
+        assert all(ids[0] == 2 and ids.count(2) == 1 for ids in encode_prompts(tok, prompts))
+        assert len(prompts) == len(targets) == 4
+    chat = build_inputs(pretrained_subject(str(tiny_gemma)), world, 4, 4, 4)
+    assert all(p.startswith("<bos><start_of_turn>user\n") and p.endswith("<start_of_turn>model\n")
+               for p in chat.free_prompts + chat.synth)  # its chat template, for questions and synthesis alike
+
+    out = tmp_path / "bench.json"
+    returned = bench_command(True, out, models=[str(tiny_gguf), str(tiny_gemma)], _tiny=True)
+    assert not [r for r in returned if "MISMATCH" in r["check"]], [r["check"] for r in returned]
+    rows = json.loads(out.read_text())
+    for spec in (tiny_gguf, tiny_gemma):
+        mine = [r for r in rows if r["model"].startswith(str(spec))]
+        assert {r["name"] for r in mine} == {"scoring", "free_text", "synthesis", "training"}
+        assert all(r["precision"] == "float32" for r in mine)
+        for r in mine:
+            if r["unit"].startswith("%"):
+                assert r["target"] == 60.0
+            elif r["baseline"] == "reference" and r["name"] != "training":
+                kind = {"multiple_choice": "letter", "multiple_choice_few_shot": "letter", "no_instruction": "letter",
+                        "short_answer": "text", None: None}[r["format"]]
+                assert r["target"] == REAL_TARGETS[r["name"], "reference", kind]
+
+
+@pytest.mark.parametrize("spec", ["missing-dir/", "empty.gguf"])
+def test_a_bad_model_spec_is_one_clean_line(tmp_path, monkeypatch, spec):
+    from test_bad_input import assert_one_clean_line, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KCOLLAPSE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    line = assert_one_clean_line(run_cli(["bench", "--quick", "--model", spec]), None, "model: ")
+    assert spec.rstrip("/") in line
 
 
 @pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_gemma"])

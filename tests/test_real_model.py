@@ -135,3 +135,47 @@ def test_real_gemma3_270m_knows_facts_and_runs_one_generation(tmp_path):
     answers = [json.loads(line) for f in (out / "gen_0" / "answers").glob("*__cloze.jsonl")
                for line in f.read_text().splitlines()]
     assert sum(bool(a["answer_text"]) for a in answers) >= len(answers) // 2  # real answers, not blank lines
+
+
+def test_large_vocabulary_sampling_draws_from_the_distribution():
+    """Inverse-CDF sampling (vocabularies from FAST_SAMPLING_VOCAB on) draws each token at its probability, never a
+    token of probability 0, and is seeded by the torch generator like multinomial."""
+    from kcollapse.lm import FAST_SAMPLING_VOCAB, sample
+
+    vocab = FAST_SAMPLING_VOCAB + 7
+    probs = torch.zeros(500, vocab)
+    probs[:, 3], probs[:, vocab - 1], probs[:, 1000] = 0.5, 0.3, 0.2  # the last token too: no off-by-one
+    draws = []
+    torch.manual_seed(0)
+    for _ in range(20):
+        draws.append(sample(probs))
+    drawn = torch.cat(draws)
+    counts = {t: (drawn == t).float().mean().item() for t in (3, 1000, vocab - 1)}
+    assert set(drawn.tolist()) == {3, 1000, vocab - 1}
+    assert abs(counts[3] - 0.5) < 0.02 and abs(counts[vocab - 1] - 0.3) < 0.02 and abs(counts[1000] - 0.2) < 0.02
+    torch.manual_seed(0)
+    assert torch.equal(sample(probs), draws[0])
+
+
+def test_every_perplexity_window_of_a_sentencepiece_model_opens_with_bos(tmp_path, tiny_gguf, monkeypatch):
+    """A long text is read in windows; with a tokenizer that opens text with <bos> (Gemma) every window does, and
+    every token after the first is still scored exactly once."""
+    from conftest import corpus_lines
+    from kcollapse.lm import LM, encode
+    from kcollapse.models import load_model
+    from kcollapse.pretrained import resolve_model
+
+    model, tok = load_model(resolve_model(str(tiny_gguf), tmp_path / "cache"), device="cpu")
+    text = " ".join(corpus_lines())
+    n_tokens = len(encode(tok, text))
+    assert n_tokens > 3 * 256  # several windows of the tiny model's 256-token context
+    firsts, real_forward = [], LM.forward
+
+    def spy(self, **kw):
+        firsts.extend(kw["input_ids"][:, 0].tolist())
+        return real_forward(self, **kw)
+
+    monkeypatch.setattr(LM, "forward", spy)
+    (logprob, scored), = LM(model, tok, batch_size=4).loglikelihood_rolling([text], stride=64)
+    assert scored == n_tokens - 1 and logprob < 0
+    assert len(firsts) > 3 and set(firsts) == {tok.bos_token_id}

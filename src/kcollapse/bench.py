@@ -7,26 +7,36 @@ same work; kcollapse does less (one prompt forward for all letters, a shared pro
 vocabulary projection only where a token is scored), and batches generation with a KV cache.
 
 What: on the organism model (the cached generation 0 if there is one, else its architecture with random weights:
-speed does not depend on training) and on a wider local GPT-2 (6 layers, d=256), on organism benchmark items:
-  scoring    reference-style / lm-eval-style vs `score_options`, per format, questions/s (scores must agree 1e-5)
+speed does not depend on training), on a wider local GPT-2 (6 layers, d=256), and on real pretrained models
+(`--model SPEC`, any spec `model:` accepts; by default, on a full bench, Gemma 3 270M when its weights package is
+installed), float32 on the CPU, each on organism benchmark items and corpus text as the loop and the evaluator
+would give THAT model (its tokenizer, BOS, chat template, its recipe: a packaged model's preset, else the default):
+  scoring    reference-style / lm-eval-style vs `score_options`, per format, questions/s (scores agree to 1e-4
+             relative, same predictions and greedy flags)
   free_text  batch-1 greedy `generate` per question vs `generate_answers`, new tokens/s (answers compared)
   synthesis  the reference's `model.generate` on batches of 4, sampling, vs ours (`sampling.batch_size`), new tokens/s
+             (greedy texts compared)
   training   `finetune` (the Trainer path the loop ships), steady-state tokens/s vs a plain AdamW loop; and the
              achieved FLOP/s (6 x params x tokens / s) as a share of a large fp32 `torch.matmul` (utilisation); at
-             one thread (each arm worker of the default experiment) and at every core (generation 0)
-Every figure is the median of several repeats; compare ratios only within one run (shared machines are noisy).
+             one thread (each arm worker of the default experiment) and at every core (generation 0; real models)
+Targets: TARGETS / UTILISATION_TARGET on the organism, REAL_TARGETS / REAL_UTILISATION_TARGET on a real model.
+Every organism figure is the median of several repeats, a real model's of one (its baselines are slow); compare
+ratios only within one run (shared machines are noisy).
 Also printed: a run's wall time per phase (its `seconds_*` metrics) and this process's peak RSS.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
+import importlib.util
 import json
 import resource
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,22 +45,29 @@ from rich.table import Table
 
 from kcollapse import corpus as corpus_mod
 from kcollapse import organism
-from kcollapse.config import PAPER_FORMATS, CorpusConfig, EvalConfig, OrganismConfig, load_config
+from kcollapse.config import PAPER_FORMATS, CorpusConfig, EvalConfig, ExperimentConfig, OrganismConfig, load_config
 from kcollapse.evaluate import build_prompts, load_benchmark
 from kcollapse.evaluate import benchmark as bmk
 from kcollapse.evaluate.formats import get_format, option_targets
-from kcollapse.evaluate.freetext import first_line, generate_answers, through_first_line
+from kcollapse.evaluate.freetext import first_line, generate_answers
 from kcollapse.evaluate.scoring import LETTER, combine, encode_options, score_options
 from kcollapse.io import atomic_write_json
-from kcollapse.lm import encode, generate, max_positions, newline_ids
+from kcollapse.lm import encode, encode_prompts, generate, max_positions, newline_ids, through_first_line
 from kcollapse.models import load_model
 from kcollapse.organism.gen0 import build_model, build_tokenizer, gen0_key, world_texts
+from kcollapse.pretrained import PACKAGED, resolve_model
+from kcollapse.synthesize import synthesis_inputs
 from kcollapse.train import finetune, pack
 
 TARGETS = {("scoring", "reference", "letter"): 6.0, ("scoring", "reference", "text"): 3.0,
            ("scoring", "lm-eval", "letter"): 3.0, ("scoring", "lm-eval", "text"): 3.0,
            ("free_text", "reference", None): 5.0, ("synthesis", "reference", None): 4.0}
 UTILISATION_TARGET = 50.0  # % of the matmul peak, on the organism
+REAL_TARGETS = {("scoring", "reference", "letter"): 5.0, ("scoring", "reference", "text"): 5.0,
+                ("free_text", "reference", None): 4.0, ("synthesis", "reference", None): 3.0}
+REAL_UTILISATION_TARGET = 60.0  # % of the fp32 matmul peak, on a real pretrained model
+SAME_SCORES = 1e-4  # option scores of ours and of a baseline agree to this relative difference
+LMEVAL_LOGITS = 1 << 28  # the lm-eval baseline's batch holds at most this many floats of logits (1 GiB)
 
 
 def _median(fn, repeats: int):
@@ -87,13 +104,17 @@ def reference_scores(model, tokenizer, prompts, targets, answer):
 
 def lmeval_scores(model, tokenizer, prompts, targets, answer, batch_size: int = 32):
     """lm-evaluation-harness style: every (context, continuation) pair a row, longest first, right-padded batches,
-    full-vocabulary log-softmax at every position."""
+    full-vocabulary log-softmax at every position; a batch holds at most LMEVAL_LOGITS floats of logits (as lm-eval's
+    `batch_size auto` shrinks its batch to fit memory)."""
     prompt_ids, conts = encode_options(tokenizer, model, prompts, targets, "reference", answer)
     reqs = [(q, k, prompt_ids[q], c) for q, cs in enumerate(conts) for k, c in enumerate(cs)]
     reqs.sort(key=lambda r: -(len(r[2]) + len(r[3])))
-    got = {}
-    for start in range(0, len(reqs), batch_size):
-        batch = reqs[start : start + batch_size]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    got, start = {}, 0
+    while start < len(reqs):  # longest first: a batch is as wide as its first row; a 262k vocabulary shrinks it
+        rows_fit = LMEVAL_LOGITS // (vocab * max(1, len(reqs[start][2]) + len(reqs[start][3]) - 1))
+        batch = reqs[start : start + max(1, min(batch_size, rows_fit))]
+        start += len(batch)
         rows = [(p + c)[:-1] for _, _, p, c in batch]
         width = max(map(len, rows))
         ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -150,11 +171,38 @@ def plain_train_seconds(model, chunks, batch_size: int, steps: int, lr: float) -
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def _models(tiny: bool):
-    """[(label, model, tokenizer)]: the organism (cached gen 0 if present) and a wider GPT-2, one tokenizer."""
+@dataclass
+class Subject:
+    """A model under test, the recipe the loop would run it with, and the targets its rows are held to."""
+
+    label: str
+    model: object
+    tokenizer: object
+    recipe: ExperimentConfig
+    targets: dict
+    utilisation_target: float | None
+    pretrained: bool = False  # a real model: its own (smaller) input counts
+
+    @property
+    def precision(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+
+@dataclass
+class Inputs:
+    """What the loop and the evaluator would give this model, built with its own tokenizer and recipe."""
+
+    scoring: dict  # format -> (answer kind, prompts, option targets)
+    free_prompts: list[str]
+    synth: list  # synthesis inputs as build_mix makes them: ids after BOS, or chat-template texts
+    train_texts: list[str]
+
+
+def _organisms(tiny: bool) -> tuple[list[Subject], object]:
+    """The organism (cached gen 0 if present) and a wider GPT-2 on its tokenizer, both on the default recipe."""
     from transformers import GPT2Config, GPT2LMHeadModel  # deferred: transformers is slow to import
 
-
+    recipe = load_config(None, [], "default")
     cfg = OrganismConfig()
     world = organism.build_world(cfg, organism.default_cache_dir())
     cached = organism.default_cache_dir() / f"gen0-{gen0_key(cfg, world)}"
@@ -168,44 +216,80 @@ def _models(tiny: bool):
             cfg = cfg.model_copy(update=dict(n_embd=32, n_layer=2, n_head=2))
         model = build_model(cfg, tok).eval()
         label = "organism (tiny)" if tiny else "organism (random init)"
-    models = [(f"{label} {model.num_parameters() / 1e6:.1f}M", model, tok)]
+    subjects = [Subject(f"{label} {model.num_parameters() / 1e6:.1f}M", model, tok, recipe, TARGETS, UTILISATION_TARGET)]
     if not tiny:
         torch.manual_seed(1)
         wide = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=256, n_layer=6,
                                           n_head=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                           pad_token_id=tok.pad_token_id)).eval()
-        models.append((f"gpt2 6x256 {wide.num_parameters() / 1e6:.1f}M", wide, tok))
-    return models, world
+        subjects.append(Subject(f"gpt2 6x256 {wide.num_parameters() / 1e6:.1f}M", wide, tok, recipe, TARGETS, None))
+    return subjects, world
 
 
-def _inputs(world, tokenizer, n_questions: int, n_prompts: int):
-    """{format: prompts, targets} for n_questions organism questions; synthesis prompts as the default recipe's."""
-    recipe = load_config(None, [], "default")
-    ecfg = EvalConfig(**{**recipe.eval.model_dump(), "limit": max(1, n_questions // 3)})
+def pretrained_subject(spec: str) -> Subject:
+    """A real model from any spec `model:` accepts (checkpoint dir, `.gguf` file, `gemma3-270m`), float32 on the
+    CPU, with the recipe the loop would run it with: a packaged model's own preset, else the default recipe. A spec
+    that does not load is the loader's one-line UserError."""
+    recipe = load_config(None, [], spec if spec in PACKAGED else "default").model_copy(update={"model": spec})
+    model, tok = load_model(resolve_model(spec, recipe.cache_dir), device="cpu", dtype="float32",
+                            tokenizer_path=recipe.tokenizer)
+    return Subject(f"{spec} {model.num_parameters() / 1e6:.0f}M", model, tok, recipe, REAL_TARGETS,
+                   REAL_UTILISATION_TARGET, pretrained=True)
+
+
+def default_real_models() -> list[str]:
+    """The packaged real models whose weights package is installed (a full bench adds their rows)."""
+    return [name for name, package in PACKAGED.items() if importlib.util.find_spec(package) is not None]
+
+
+def build_inputs(subject: Subject, world, n_questions: int, n_prompts: int, n_synth: int) -> Inputs:
+    """Inputs as the loop and the evaluator build them for this model: prompts by `build_prompts` (its chat template
+    when it has one and the recipe uses it), tokenised by the engine (its BOS); synthesis prompts cut from the
+    organism corpus with its tokenizer by `make_blocks` and wrapped by `synthesis_inputs` (BOS or chat template)."""
+    recipe, tok = subject.recipe, subject.tokenizer
+    ecfg = EvalConfig(**{**recipe.eval.model_dump(), "limit": -(-max(n_questions, n_prompts) // 3)})  # 3 subjects
     items = load_benchmark(ecfg, world.benchmark_path)
-    questions = [q for q in items if bmk.is_question(q)][:n_questions]
+    questions = [q for q in items if bmk.is_question(q)][: max(n_questions, n_prompts)]
     pool = bmk.few_shot_pool(items)
     scoring = {}
     for name in PAPER_FORMATS:  # the four the paper evaluates
         fmt = get_format(name)
-        scoring[name] = (fmt.answer, build_prompts(fmt, questions, pool, ecfg, tokenizer, False),
+        scoring[name] = (fmt.answer, build_prompts(fmt, questions, pool, ecfg, tok, recipe.chat.use_template),
                          [option_targets(fmt, q) for q in questions])
+    free_prompts = scoring["multiple_choice"][1][:n_prompts]
+    scoring = {name: (answer, prompts[:n_questions], targets[:n_questions])
+               for name, (answer, prompts, targets) in scoring.items()}
     texts = corpus_mod.load_texts(CorpusConfig(path="organism"), world.corpus_path)
-    blocks = corpus_mod.make_blocks(tokenizer, texts[: n_prompts * 4], recipe.block_tokens)[:n_prompts]
-    synth = [b.ids[: recipe.prompt_tokens] for b in blocks]
-    train_texts = [t.text for t in texts[:2000]]
-    return recipe, scoring, synth, train_texts
+    blocks = corpus_mod.make_blocks(tok, texts[: n_synth * 4], recipe.block_tokens)
+    # whole prompts only: equal lengths, so the reference's batches of 4 need no padding (the paper's did not)
+    blocks = [b for b in blocks if len(b.ids) >= recipe.prompt_tokens][:n_synth]
+    _, synth = synthesis_inputs(tok, blocks, recipe)
+    return Inputs(scoring, free_prompts, synth, [t.text for t in texts[:2000]])
 
 
 # ------------------------------------------------------------------------------------------------ the pairs
-def _row(name, baseline, fmt, model, ours, theirs, unit, check, threads=None):
+def _row(subject: Subject, name, baseline, fmt, ours, theirs, unit, check, threads=None):
     ratio = ours / theirs if theirs else float("nan")
-    return {"name": name, "baseline": baseline, "format": fmt, "model": model, "ours": ours, "theirs": theirs,
-            "ratio": ratio, "unit": unit, "threads": threads or torch.get_num_threads(), "check": check}
+    if unit.startswith("%"):
+        target = subject.utilisation_target
+        passed = ours >= target if target else None
+    else:
+        target = subject.targets.get((name, baseline, get_format(fmt).answer if fmt else None))
+        passed = ratio >= target if target else None
+    return {"name": name, "baseline": baseline, "format": fmt, "model": subject.label, "ours": ours, "theirs": theirs,
+            "ratio": ratio, "unit": unit, "threads": threads or torch.get_num_threads(), "precision": subject.precision,
+            "target": target, "passed": passed, "check": check}
 
 
-def bench_scoring(label, model, tok, scoring, repeats, batch_size):
+def _relative_gap(ours: list[dict], theirs: list[dict]) -> float:
+    """Largest |a - b| / max(|a|, |b|) over every option score (scores are probabilities: positive or 0)."""
+    return max((abs(a - b) / max(abs(a), abs(b)) if a != b else 0.0)
+               for o, t in zip(ours, theirs) for a, b in zip(o["scores"], t["scores"]))
+
+
+def bench_scoring(subject: Subject, scoring, repeats):
+    model, tok, batch_size = subject.model, subject.tokenizer, subject.recipe.eval.batch_size
     rows = []
     for name, (answer, prompts, targets) in scoring.items():
         t_ours, ours = _median(lambda: score_options(model, tok, prompts, targets, scoring="reference",
@@ -213,39 +297,52 @@ def bench_scoring(label, model, tok, scoring, repeats, batch_size):
         for baseline, fn in (("reference", lambda: reference_scores(model, tok, prompts, targets, answer)),
                              ("lm-eval", lambda: lmeval_scores(model, tok, prompts, targets, answer))):
             t_theirs, theirs = _median(fn, repeats)
-            diff = max(abs(a - b) for o, t in zip(ours, theirs) for a, b in zip(o["scores"], t["scores"]))
+            gap = _relative_gap(ours, theirs)
             same = all(o["is_greedy"] == t["is_greedy"] and o["predicted_index"] == t["predicted_index"]
                        for o, t in zip(ours, theirs))
-            check = f"max|d|={diff:.0e}" + ("" if diff <= 1e-5 and same else " MISMATCH")
-            rows.append(_row("scoring", baseline, name, label, len(prompts) / t_ours, len(prompts) / t_theirs,
+            check = f"max rel d={gap:.0e}" + ("" if gap <= SAME_SCORES and same else " MISMATCH")
+            rows.append(_row(subject, "scoring", baseline, name, len(prompts) / t_ours, len(prompts) / t_theirs,
                              "questions/s", check))
     return rows
 
 
-def bench_free_text(label, model, tok, prompts, max_new, repeats, batch_size):
+def bench_free_text(subject: Subject, prompts, repeats):
+    model, tok, ecfg = subject.model, subject.tokenizer, subject.recipe.eval
+    max_new = ecfg.free_text_tokens
     t_theirs, (theirs, n_new) = _median(lambda: one_by_one_answers(model, tok, prompts, max_new), repeats)
-    t_ours, ours = _median(lambda: generate_answers(model, tok, prompts, max_new, batch_size), repeats)
+    t_ours, ours = _median(lambda: generate_answers(model, tok, prompts, max_new, ecfg.batch_size), repeats)
     same = sum(a == b for a, b in zip(ours, theirs))
-    return [_row("free_text", "reference", None, label, n_new / t_ours, n_new / t_theirs, "new tokens/s",
-                 f"{same}/{len(prompts)} answers equal")]
+    return [_row(subject, "free_text", "reference", None, n_new / t_ours, n_new / t_theirs, "new tokens/s",
+                 f"{same}/{len(prompts)} answers equal" + ("" if same == len(prompts) else " MISMATCH"))]
 
 
-def reference_synthesis(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, sampling, do_sample=True,
+def reference_synthesis(model, tokenizer, prompts: list, max_new_tokens: int, sampling, do_sample=True,
                         batch_size: int = 4) -> list[str]:
-    """The paper's way: `model.generate` on batches of 4 prompts (equal-length token prompts: no padding)."""
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        ids = torch.tensor(prompts[start : start + batch_size])
+    """The paper's way: `model.generate` on batches of 4 prompts (token ids, or texts tokenised as the engine does;
+    unequal lengths left-padded with an attention mask)."""
+    texts = iter(encode_prompts(tokenizer, [p for p in prompts if isinstance(p, str)]))
+    ids_list = [next(texts) if isinstance(p, str) else list(p) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out_texts = []
+    for start in range(0, len(ids_list), batch_size):
+        batch = ids_list[start : start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=do_sample, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, repetition_penalty=sampling.repetition_penalty,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        texts += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return texts
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out_texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return out_texts
 
 
-def bench_synthesis(label, model, tok, prompts, recipe, repeats):
+def bench_synthesis(subject: Subject, prompts, repeats, n_greedy: int, n_reference: int | None = None):
+    """New tokens/s sampling as the loop does vs the reference's way; the reference's rate may be read on the first
+    `n_reference` prompts only (its batches of 4 are alike, so its rate does not depend on how many it runs), ours on
+    all of them (at least one full batch of `sampling.batch_size`)."""
+    model, tok, recipe = subject.model, subject.tokenizer, subject.recipe
     s = recipe.sampling
 
     def n_tokens(texts):
@@ -255,25 +352,29 @@ def bench_synthesis(label, model, tok, prompts, recipe, repeats):
         return generate(model, tok, some, recipe.new_tokens, do_sample=sample, temperature=s.temperature,
                         top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty, batch_size=s.batch_size)
 
-    t_theirs, theirs = _median(lambda: reference_synthesis(model, tok, prompts, recipe.new_tokens, s), repeats)
+    some = prompts[:n_reference] if n_reference else prompts
+    t_theirs, theirs = _median(lambda: reference_synthesis(model, tok, some, recipe.new_tokens, s), repeats)
     t_ours, texts = _median(lambda: ours(), repeats)
     n_theirs, n_ours = n_tokens(theirs), n_tokens(texts)
-    few = prompts[:16]  # same numbers: greedy texts of the reference's way and of ours agree
+    few = prompts[:n_greedy]  # same numbers: greedy texts of the reference's way and of ours agree
     same = sum(a == b for a, b in zip(reference_synthesis(model, tok, few, recipe.new_tokens, s, do_sample=False),
                                       ours(False, few)))
-    return [_row("synthesis", "reference", None, label, n_ours / t_ours, n_theirs / t_theirs, "new tokens/s",
-                 f"greedy {same}/{len(few)} equal")]
+    return [_row(subject, "synthesis", "reference", None, n_ours / t_ours, n_theirs / t_theirs, "new tokens/s",
+                 f"greedy {same}/{len(few)} equal" + ("" if same == len(few) else " MISMATCH"))]
 
 
-def bench_training(label, model, tok, texts, recipe, steps, repeats, work_dir, peak_n: int = 2048, one_thread=True):
+def bench_training(subject: Subject, texts, steps, repeats, work_dir, peak_n: int = 2048, one_thread=True):
     """Steady-state finetune tokens/s and utilisation, at one thread (how each arm worker of the default experiment
     trains) and at every core (how generation 0 trains). Each repeat times two runs that differ only in max_steps
     (setup cost cancels) and the matmul peak right before and after them, so a noisy neighbour moves both sides of
-    its ratio alike; the medians over repeats are reported."""
-    tcfg = recipe.train
+    its ratio alike; the medians over repeats are reported. FLOPs are 6 x parameters x tokens, a tied embedding
+    counted once (`num_parameters`): as the output projection it costs 6 FLOPs per token per weight like any other
+    matrix, its input lookup none; attention's own FLOPs are not counted (the figure is a lower bound)."""
+    model, tok, tcfg = subject.model, subject.tokenizer, subject.recipe.train
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.chunk_tokens
     chunks = pack(tok, texts, tcfg.chunk_tokens)
-    flop = 6 * model.num_parameters() * tokens_per_step
+    n_params = model.num_parameters()
+    flop = 6 * n_params * tokens_per_step
     short, long_ = max(1, steps // 4), steps
     a, b = torch.randn(peak_n, peak_n), torch.randn(peak_n, peak_n)
 
@@ -281,7 +382,9 @@ def bench_training(label, model, tok, texts, recipe, steps, repeats, work_dir, p
         cfg = tcfg.model_copy(update={"max_steps": n})
         t0 = time.perf_counter()
         finetune(copy.deepcopy(model), tok, texts, cfg, seed=0, work_dir=Path(work_dir) / "trainer")
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        gc.collect()  # the Trainer's reference cycles would keep a 1 GB copy of a real model alive
+        return seconds
 
     def matmul():
         t0 = time.perf_counter()
@@ -314,11 +417,12 @@ def bench_training(label, model, tok, texts, recipe, steps, repeats, work_dir, p
         role = "an arm worker" if threads == 1 and cores > 1 else "generation 0" if threads == cores else ""
         where = f"{threads} thread{'s' if threads > 1 else ''}" + (f" ({role})" if role else "")
         rows += [
-            _row("training", "reference", None, label, tokens_per_step / per_step, tokens_per_step / plain,
+            _row(subject, "training", "reference", None, tokens_per_step / per_step, tokens_per_step / plain,
                  "tokens/s", f"{where}; end-to-end {long_ * tokens_per_step / t_long:.0f} tok/s, setup {setup:.2f} s",
                  threads=threads),
-            _row("training", "reference", None, label, util, util_plain, "% of fp32 matmul peak",
-                 f"{where}; {flop / per_step / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s", threads=threads),
+            _row(subject, "training", "reference", None, util, util_plain, "% of fp32 matmul peak",
+                 f"{where}; 6 x {n_params / 1e6:.0f}M params x {tokens_per_step} tokens/step: "
+                 f"{flop / per_step / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s", threads=threads),
         ]
     return rows
 
@@ -345,49 +449,65 @@ def run_phases(run_dir: Path | None) -> tuple[str, list[tuple[str, float]]]:
     return f"no run found ({candidates[0]}/metrics.jsonl); run `kcollapse run` or pass --run-dir", []
 
 
-def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = None, *, _tiny: bool = False) -> list[dict]:
+def results_table(rows: list[dict], mode: str) -> Table:
+    table = Table(title=f"kcollapse bench ({mode}; organism: median of {ORGANISM_SIZE[mode]['repeats']}, real models: "
+                        f"median of {REAL_SIZE[mode]['repeats']}; one run, one machine)")
+    for col in ("pair", "model", "precision, threads", "unit", "ours", "theirs", "ratio", "target", "check"):
+        table.add_column(col, justify="right" if col in ("ours", "theirs", "ratio", "target") else "left")
+    for r in rows:
+        shown = ""
+        if r["target"]:
+            shown = f">= {r['target']:.0f}{'%' if r['unit'].startswith('%') else 'x'} {'PASS' if r['passed'] else 'FAIL'}"
+            shown = f"[{'green' if r['passed'] else 'red'}]{shown}[/]"
+        table.add_row(f"{r['name']}{' / ' + r['format'] if r['format'] else ''} vs {r['baseline']}", r["model"],
+                      f"{r['precision']}, {r['threads']} thr", r["unit"], f"{r['ours']:.1f}", f"{r['theirs']:.1f}",
+                      f"{r['ratio']:.2f}x", shown, r["check"])
+    return table
+
+
+ORGANISM_SIZE = {"tiny": dict(questions=6, prompts=6, synth=8, synth_reference=8, greedy=8, repeats=1, steps=4),
+                 "quick": dict(questions=18, prompts=24, synth=32, synth_reference=32, greedy=16, repeats=3, steps=12),
+                 "full": dict(questions=90, prompts=64, synth=128, synth_reference=128, greedy=16, repeats=5, steps=40)}
+# a real model: the reference's way runs 4-8 full-vocabulary forwards per question, about a second each at 262k
+# tokens on 2 cores, so fewer inputs, one repeat (the same in --quick and full); free text and synthesis fill one of
+# our batches (the preset's 32), and the reference's synthesis rate is read on 8 prompts (two of its batches)
+REAL_SIZE = dict.fromkeys(("quick", "full"), dict(questions=6, prompts=32, synth=32, synth_reference=8, greedy=4,
+                                                  repeats=1, steps=3)) | {"tiny": ORGANISM_SIZE["tiny"]}
+
+
+def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = None, models: list[str] | None = None,
+                  *, _tiny: bool = False) -> list[dict]:
+    """The bench: organism rows, then rows for each real model (`models`; by default, on a full bench, the packaged
+    models whose weights are installed). A model spec that does not load ends the command before anything runs."""
     from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
     hf_logging.set_verbosity_error()  # the baselines call model.generate/forward as the reference code does
     console = Console(width=max(Console().width, 150))
-    size = (dict(questions=6, prompts=6, synth=8, repeats=1, steps=4) if _tiny else
-            dict(questions=18, prompts=24, synth=32, repeats=3, steps=12) if quick else
-            dict(questions=90, prompts=64, synth=128, repeats=5, steps=40))
+    mode = "tiny" if _tiny else "quick" if quick else "full"
     start = time.perf_counter()
-    models, world = _models(_tiny)
-    recipe, scoring, synth, train_texts = _inputs(world, models[0][2], size["questions"], size["synth"])
-    free_prompts = scoring["multiple_choice"][1][: size["prompts"]]
+    specs = list(models) if models else [] if quick or _tiny else default_real_models()
+    real = [pretrained_subject(spec) for spec in specs]  # a bad spec: one error line, nothing measured
+    subjects, world = _organisms(_tiny)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for label, model, tok in models:
-            console.print(f"[dim]{label}: scoring, free text, synthesis, training ({torch.get_num_threads()} threads)[/]")
-            rows += bench_scoring(label, model, tok, scoring, size["repeats"], recipe.eval.batch_size)
-            rows += bench_free_text(label, model, tok, free_prompts, recipe.eval.free_text_tokens, size["repeats"],
-                                    recipe.eval.batch_size)
-            rows += bench_synthesis(label, model, tok, synth, recipe, size["repeats"])
-            rows += bench_training(label, model, tok, train_texts, recipe, size["steps"], size["repeats"], work,
-                                   512 if _tiny else 2048, one_thread=not quick or label.startswith("organism"))
+        for subject in subjects + real:
+            size = (REAL_SIZE if subject.pretrained else ORGANISM_SIZE)[mode]
+            began = time.perf_counter()
+            console.print(f"[dim]{subject.label}: scoring, free text, synthesis, training "
+                          f"({torch.get_num_threads()} threads, {subject.precision})[/]")
+            inputs = build_inputs(subject, world, size["questions"], size["prompts"], size["synth"])
+            rows += bench_scoring(subject, inputs.scoring, size["repeats"])
+            rows += bench_free_text(subject, inputs.free_prompts, size["repeats"])
+            rows += bench_synthesis(subject, inputs.synth, size["repeats"], size["greedy"], size["synth_reference"])
+            rows += bench_training(subject, inputs.train_texts, size["steps"], size["repeats"], work,
+                                   512 if _tiny else 2048, one_thread=not (quick or subject.pretrained)
+                                   or subject.label.startswith("organism"))
+            console.print(f"[dim]{subject.label}: {time.perf_counter() - began:.0f} s[/]")
 
-    table = Table(title=f"kcollapse bench ({'quick' if quick else 'full'}; median of {size['repeats']}; "
-                        f"{torch.get_num_threads()} threads; one run, one machine)")
-    for col in ("pair", "model", "unit", "ours", "theirs", "ratio", "target", "check"):
-        table.add_column(col, justify="right" if col in ("ours", "theirs", "ratio", "target") else "left")
-    for r in rows:
-        kind = "letter" if r["format"] and scoring[r["format"]][0] == "letter" else "text" if r["format"] else None
-        target = TARGETS.get((r["name"], r["baseline"], kind))
-        if r["unit"].startswith("%"):
-            target = UTILISATION_TARGET if r["model"].startswith("organism") else None
-            ok = r["ours"] >= target if target else None
-            shown = f">= {target:.0f}%" if target else ""
-        else:
-            ok = r["ratio"] >= target if target else None
-            shown = f">= {target:.0f}x" if target else ""
-        colour = "" if ok is None else "green" if ok else "red"
-        threads = f" ({r['threads']} thr)" if r["name"] == "training" else ""
-        table.add_row(f"{r['name']}{' / ' + r['format'] if r['format'] else ''} vs {r['baseline']}{threads}", r["model"],
-                      r["unit"], f"{r['ours']:.1f}", f"{r['theirs']:.1f}",
-                      f"[{colour}]{r['ratio']:.2f}x[/]" if colour else f"{r['ratio']:.2f}x", shown, r["check"])
-    console.print(table)
+    console.print(results_table(rows, mode))
+    judged = [r for r in rows if r["passed"] is not None and r["model"] in {s.label for s in real}]
+    if judged:
+        console.print(f"real-model targets: {sum(r['passed'] for r in judged)}/{len(judged)} PASS")
 
     source, phases = run_phases(run_dir)
     ptable = Table(title=f"default experiment wall time by phase: {source}")
@@ -403,6 +523,5 @@ def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = No
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
     console.print(f"peak memory (RSS) of this bench: {rss:.0f} MiB; wall time {time.perf_counter() - start:.0f} s")
     if json_path is not None:
-        atomic_write_json(Path(json_path), [{k: r[k] for k in ("name", "baseline", "format", "model", "ours", "theirs",
-                                                               "ratio", "unit", "threads")} for r in rows])
+        atomic_write_json(Path(json_path), [{k: v for k, v in r.items() if k != "check"} for r in rows])
     return rows

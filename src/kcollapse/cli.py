@@ -223,14 +223,15 @@ def sweep(
 @app.command()
 @friendly
 def bench(
-    quick: bool = typer.Option(False, "--quick", help="Fewer repeats and inputs (under 3 minutes)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer repeats and inputs (the organism rows in under 3 minutes); no real model unless --model."),
     json_: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run whose seconds_* metrics give the phase table (default: runs/default)."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Also bench this real model (repeatable): a checkpoint dir, a .gguf file or gemma3-270m. Default: gemma3-270m when its weights package is installed, except with --quick."),
 ):
     """Measure scoring, free-text, synthesis and training speed against reference-style baselines."""
     from kcollapse.bench import bench_command  # deferred: pulls in torch
 
-    bench_command(quick, json_, run_dir)
+    bench_command(quick, json_, run_dir, model or None)
 
 
 def main():  # pragma: no cover - entry point for `python -m kcollapse.cli`

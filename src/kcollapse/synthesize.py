@@ -19,6 +19,17 @@ def synthetic_count(arm: ArmConfig, n: int) -> int:
     return 0 if arm.mode == "real_only" else round(arm.synthetic_ratio * n)
 
 
+def synthesis_inputs(tokenizer, blocks: list[Block], cfg: ExperimentConfig) -> tuple[list[str], list]:
+    """(prompt texts, what the model continues) for these blocks: their first `prompt_tokens` tokens, in the chat
+    template when the tokenizer has one (texts), else as ids after the tokenizer's BOS (Gemma needs it)."""
+    prompt_ids = [b.ids[: cfg.prompt_tokens] if cfg.prompt_tokens else b.ids for b in blocks]
+    prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+    if cfg.chat.use_template and has_chat_template(tokenizer):
+        return prompt_texts, [chat_prompt(tokenizer, t, cfg.chat.system_prompt) for t in prompt_texts]
+    bos = bos_prefix(tokenizer)  # blocks are cut from a stream without <bos>; Gemma needs it to write text
+    return prompt_texts, [bos + list(ids) for ids in prompt_ids]  # no decode/encode round trip for plain LMs
+
+
 def build_mix(model, tokenizer, blocks: list[Block], arm: ArmConfig, cfg: ExperimentConfig, seed: int,
               progress=None) -> list[dict]:
     """Training records `{text, source, prompt?, continuation?}`: real ones first, then synthetic ones."""
@@ -27,13 +38,7 @@ def build_mix(model, tokenizer, blocks: list[Block], arm: ArmConfig, cfg: Experi
     records = [{"text": tokenizer.decode(b.ids, skip_special_tokens=True), "source": "real"} for b in real]
     if not prompts:
         return records
-    prompt_ids = [b.ids[: cfg.prompt_tokens] if cfg.prompt_tokens else b.ids for b in prompts]
-    prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
-    if cfg.chat.use_template and has_chat_template(tokenizer):
-        inputs = [chat_prompt(tokenizer, t, cfg.chat.system_prompt) for t in prompt_texts]
-    else:
-        bos = bos_prefix(tokenizer)  # blocks are cut from a stream without <bos>; Gemma needs it to write text
-        inputs = [bos + list(ids) for ids in prompt_ids]  # no decode/encode round trip for plain LMs
+    prompt_texts, inputs = synthesis_inputs(tokenizer, prompts, cfg)
     s = cfg.sampling
     continuations = generate(
         model, tokenizer, inputs, cfg.new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p,

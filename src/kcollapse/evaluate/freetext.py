@@ -35,29 +35,14 @@ def generate_whole_answers(model, tokenizer, prompts: list[str], max_new_tokens:
     """Greedy answers, each ending at the first line break after some text (at most half the model's context long).
 
     Leading blank lines do not end an answer: a pretrained base model often answers on the next line
-    ("Answer:\n\nSix"). Answers are generated to their first line break; only those that stopped before any text
-    are generated again without the newline stop (same greedy tokens, so the same answer, now past its blank lines)
-    and cut after their first non-empty line. An answer that ended at end-of-text stays empty."""
+    ("Answer:\n\nSix"). Decoding stops at the first line break that follows text, in one pass (`stop_after_line`);
+    the answer keeps its leading blank lines and ends with its first non-empty line. An answer that ended at
+    end-of-text before any text stays empty."""
     context = lm.max_positions(model)
     if context:  # a tiny context (the organism's) keeps at least half of it for the prompt
         max_new_tokens = max(1, min(max_new_tokens, context // 2))
-    texts = lm.generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size,
-                        stop_at_newline=True, progress=progress)
-    blank = [i for i, t in enumerate(texts) if not t.strip()]
-    if blank:
-        again = lm.generate(model, tokenizer, [prompts[i] for i in blank], max_new_tokens, do_sample=False,
-                            batch_size=batch_size)
-        for i, text in zip(blank, again):
-            if text[:1].isspace():  # it stopped at a blank line, not at end-of-text (EOS is barred as a first token)
-                texts[i] = through_first_line(text)
-    return texts
-
-
-def through_first_line(text: str) -> str:
-    """The text up to the end of its first non-empty line (leading blank lines kept, the line break dropped)."""
-    lead = len(text) - len(text.lstrip())
-    end = text.find("\n", lead)
-    return text if end < 0 else text[:end]
+    return lm.generate(model, tokenizer, prompts, max_new_tokens, do_sample=False, batch_size=batch_size,
+                       stop_after_line=True, progress=progress)
 
 
 def first_line(text: str) -> str:

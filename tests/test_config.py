@@ -32,6 +32,21 @@ def test_set_overrides_nested_list_and_plain_paths(tmp_path):
     assert cfg.arms[1].synthetic_ratio == 0.75 and cfg.train.lr == 2e-4 and cfg.eval.formats == ["cloze"]
 
 
+def test_corpus_filters_resolve_to_keep_everything_only_when_the_organism_trains_on_its_own_corpus(tmp_path):
+    """The organism's real pool is generation 0's training set as it is; any other corpus gets the paper's filters
+    (50 characters, a quarter block); a value the user sets is kept; config.yaml shows the resolved values."""
+    own = load_config(preset="default")
+    assert (own.corpus.min_chars, own.corpus.min_block_tokens) == (0, 1)
+    gemma = load_config(preset="gemma3-270m")  # the organism's prose for a pre-trained model: just a corpus
+    assert (gemma.corpus.min_chars, gemma.corpus.min_block_tokens) == (50, gemma.block_tokens // 4)
+    text = validate({"corpus": f"{tmp_path}/c.txt", "block_tokens": 32})
+    assert (text.corpus.min_chars, text.corpus.min_block_tokens) == (50, 8)
+    chosen = load_config(preset="default", overrides=["corpus.min_chars=50", "corpus.min_block_tokens=16"])
+    assert (chosen.corpus.min_chars, chosen.corpus.min_block_tokens) == (50, 16)
+    again = validate(yaml.safe_load(yaml.safe_dump(own.model_dump(mode="json"))))
+    assert again == own
+
+
 @pytest.mark.parametrize("data, expected", [
     ({"foo": 1}, "unknown key 'foo'"),
     ({"train": {"lrr": 1}}, "unknown key 'train.lrr'"),
@@ -45,6 +60,8 @@ def test_set_overrides_nested_list_and_plain_paths(tmp_path):
     ({"block_tokens": "many"}, "block_tokens"),
     ({"prompt_tokens": 100, "block_tokens": 64}, "prompt_tokens"),
     ({"device": "gpu"}, "device"),
+    ({"corpus": {"min_block_tokens": 0}}, "corpus.min_block_tokens"),
+    ({"corpus": {"min_chars": -1}}, "corpus.min_chars"),
 ])
 def test_invalid_configs_name_the_field(data, expected):
     with pytest.raises(UserError) as err:

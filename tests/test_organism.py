@@ -190,3 +190,46 @@ def test_quick_preset_runs_end_to_end(tmp_path):
     assert acc["cloze"] > 0.6 and acc["short_answer"] > 0.4, acc  # chance is 0.25: it learned held-out facts
     stages = json.loads((out / "stages.json").read_text())
     assert set(stages["arms"]) == {"alpha_0", "alpha_1.0"} and stages["last_generation"] == 3
+
+
+def _token_shares(tokenizer, pieces: list[tuple[str, list[int]]]) -> dict[str, float]:
+    counts: Counter = Counter()
+    for kind, ids in pieces:
+        counts[kind] += len(ids)
+    return {k: n / sum(counts.values()) for k, n in counts.items()}
+
+
+def test_real_pool_carries_what_gen0_trained_on_in_the_same_proportions(tmp_path):
+    """The loop's real pool for the organism (loop.setup on the default recipe, a tiny world and gen 0): every
+    training text of generation 0 but the perplexity held-out ones, cut into blocks with nothing dropped, so prose and
+    each exercise format carry the token shares gen 0 trained on. The paper's filters (50 characters, a quarter
+    block) would drop the short cloze exercises: an alpha 0 arm would then rehearse a different mix."""
+    from kcollapse import loop
+    from kcollapse.config import load_config
+
+    tiny = {f"organism.{k}": v for k, v in TINY.items()} | {"organism.domains": "[geography, chemistry]",
+                                                           "organism.relations": "[capital, symbol]"}
+    overrides = [f"{k}={v}" for k, v in tiny.items()] + [f"cache_dir={tmp_path}"]
+    cfg = load_config(preset="default", overrides=overrides)
+    assert (cfg.corpus.min_chars, cfg.corpus.min_block_tokens) == (0, 1)
+    s = loop.setup(cfg)
+    world = build_world(cfg.organism, tmp_path)
+    corpus = read_jsonl(world.corpus_path)
+    kind = {r["text"]: "prose" if r["kind"] == "prose" else _format_of(r["text"]) for r in corpus}
+    assert len(set(kind.values())) == 6  # prose and the five exercise formats
+    ids = dict(zip(kind, s.tokenizer(list(kind), add_special_tokens=False)["input_ids"]))
+    gen0 = _token_shares(s.tokenizer, [(kind[r["text"]], ids[r["text"]]) for r in corpus])
+    trained = [r["text"] for r in corpus if r["text"] not in set(s.heldout)]
+    assert 0 < len(corpus) - len(trained) <= cfg.corpus.heldout_max_texts
+    block_kind = {tuple(ids[t][i : i + cfg.block_tokens]): kind[t] for t in kind for i in range(0, len(ids[t]), cfg.block_tokens)}
+    for arm in ("alpha_0", "alpha_0.5", "alpha_1.0"):  # not the geography arm: a domain's pool is its own
+        pool = s.pools[arm]
+        assert sum(len(b.ids) for b in pool) == sum(len(ids[t]) for t in trained)  # no text, no tail dropped
+        shares = _token_shares(s.tokenizer, [(block_kind[tuple(b.ids)], b.ids) for b in pool])
+        assert shares.keys() == gen0.keys()
+        for k in gen0:
+            assert abs(shares[k] - gen0[k]) < 0.01, (k, shares[k], gen0[k])
+
+    paper = loop.setup(cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"min_chars": 50, "min_block_tokens": 16})}))
+    shares = _token_shares(s.tokenizer, [(block_kind[tuple(b.ids)], b.ids) for b in paper.pools["alpha_0"]])
+    assert shares.get("cloze", 0.0) < gen0["cloze"] / 2  # the filters that this run turns off would skew the pool

@@ -37,7 +37,10 @@ class CorpusConfig(Strict):
     split: str = "train"
     text_field: str = "text"
     domain_field: str = "domain"
-    min_chars: int = Field(50, ge=0, description="texts shorter than this are dropped (paper: 50)")
+    min_chars: int | None = Field(None, ge=0, description="texts shorter than this are dropped; null: 50 (the paper), "
+                                  "0 when the organism trains on its own corpus")
+    min_block_tokens: int | None = Field(None, ge=1, description="blocks (a short text, a long text's tail) with fewer "
+                                         "tokens are dropped; null: block_tokens // 4, 1 when the organism trains on its own corpus")
     heldout_share: float = Field(0.05, ge=0.0, lt=1.0, description="share of texts kept out of training for perplexity_heldout")
     heldout_max_texts: int = Field(200, ge=1)
 
@@ -269,7 +272,18 @@ class ExperimentConfig(Strict):
             raise ValueError(f"arms: names must be unique, got {names}")
         if self.prompt_tokens is not None and self.prompt_tokens > self.block_tokens:
             raise ValueError("prompt_tokens must be <= block_tokens")
+        self._resolve_corpus_filters()
         return self
+
+    def _resolve_corpus_filters(self) -> None:
+        """The corpus filters' nulls, resolved so config.yaml shows what ran. The organism trained on its own corpus
+        keeps every text whole (its real pool is what generation 0 trained on, in the same proportions: the short
+        cloze exercises and one-fact paragraphs included); any other corpus gets the paper's filters."""
+        own = self.model == "organism" and self.corpus.path == "organism" and not self.corpus.dataset
+        if self.corpus.min_chars is None:
+            self.corpus.min_chars = 0 if own else 50
+        if self.corpus.min_block_tokens is None:
+            self.corpus.min_block_tokens = 1 if own else max(2, self.block_tokens // 4)
 
 
 # Fields that only change how fast a run goes, not what it computes: a resumed run may change them.

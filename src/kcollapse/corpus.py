@@ -1,9 +1,12 @@
 """The real corpus: texts in, fixed-size token blocks out.
 
 As in the paper, the real text (WikiText-2 train there; any local file, directory or `datasets` corpus here) is
-cut into blocks of `block_tokens` tokens after dropping texts under 50 characters. Each generation draws its
-`samples_per_generation` blocks from this pool: the first (1-alpha) share stay real, the rest become prompts.
-A small held-out share of texts never enters training; perplexity on it is the model-centric view of collapse.
+cut into blocks of `block_tokens` tokens after dropping texts under 50 characters (and blocks under a quarter
+block). Each generation draws its `samples_per_generation` blocks from this pool: the first (1-alpha) share stay
+real, the rest become prompts. A small held-out share of texts never enters training; perplexity on it is the
+model-centric view of collapse. The organism trained on its own corpus drops nothing (config: the filters resolve
+to 0 characters and 1 token): its real pool is what generation 0 trained on, in the same proportions, so an alpha 0
+arm rehearses exactly what the model learned instead of a filtered subset of it.
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ def load_texts(cfg: CorpusConfig, organism_corpus: Path | None = None) -> list[T
             raise UserError(f"corpus: {path} is a '{path.suffix}' file; expected .txt (one text per line) or .jsonl")
         else:
             texts = _read_file(path, cfg)
-    kept = [t for t in texts if len(t.text.strip()) >= cfg.min_chars]
+    min_chars = 50 if cfg.min_chars is None else cfg.min_chars  # null outside an ExperimentConfig: the paper's
+    kept = [t for t in texts if len(t.text.strip()) >= max(1, min_chars)]
     if not kept:
-        raise UserError(f"corpus: {source} has no text of at least {cfg.min_chars} characters (corpus.min_chars)")
+        raise UserError(f"corpus: {source} has no text of at least {min_chars} characters (corpus.min_chars)")
     return kept
 
 
@@ -103,9 +107,10 @@ def split_heldout(texts: list[Text], cfg: CorpusConfig, seed: int) -> tuple[list
     return [t for i, t in enumerate(texts) if i not in picked], [t for i, t in enumerate(texts) if i in picked]
 
 
-def make_blocks(tokenizer, texts: list[Text], block_tokens: int) -> list[Block]:
-    """Each text cut into consecutive blocks of `block_tokens` tokens (a tail under a quarter block is dropped)."""
-    min_tokens = max(2, block_tokens // 4)
+def make_blocks(tokenizer, texts: list[Text], block_tokens: int, min_tokens: int | None = None) -> list[Block]:
+    """Each text cut into consecutive blocks of `block_tokens` tokens; a block under `min_tokens` (a short text, or
+    a long text's tail) is dropped (None: a quarter block, the paper's cut)."""
+    min_tokens = max(2, block_tokens // 4) if min_tokens is None else min_tokens
     blocks = []
     all_ids = tokenizer([t.text for t in texts], add_special_tokens=False)["input_ids"]
     for text, ids in zip(texts, all_ids):
@@ -114,7 +119,8 @@ def make_blocks(tokenizer, texts: list[Text], block_tokens: int) -> list[Block]:
             if len(piece) >= min_tokens:
                 blocks.append(Block(piece, text.domain))
     if not blocks:
-        raise UserError(f"corpus: too short: no text has {min_tokens} tokens or more (block_tokens={block_tokens})")
+        raise UserError(f"corpus: too short: no text has {min_tokens} tokens or more (block_tokens={block_tokens}, "
+                        "corpus.min_block_tokens)")
     return blocks
 
 
@@ -122,7 +128,7 @@ def arm_pool(blocks: list[Block], arm: ArmConfig, tokenizer, cfg_corpus: CorpusC
     """The blocks an arm draws from: the whole corpus, or only its domain (tag, own corpus, or keywords)."""
     if arm.domain_corpus:
         domain_cfg = cfg_corpus.model_copy(update={"path": arm.domain_corpus, "dataset": None})
-        return make_blocks(tokenizer, load_texts(domain_cfg), block_tokens)
+        return make_blocks(tokenizer, load_texts(domain_cfg), block_tokens, cfg_corpus.min_block_tokens)
     pool = blocks
     if arm.domain:
         pool = [b for b in pool if b.domain == arm.domain]

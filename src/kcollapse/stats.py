@@ -26,9 +26,10 @@ compute none of them themselves. Definitions (docs/STATISTICS.md says the same w
   for `persist` generations in a row; one that never happens is censored: ">= the last generation", an open end.
   The interval is censoring-aware like the onset ratio's: [lower percentile of (onset, or N when censored), upper
   percentile of (onset, or infinity when censored)].
-- Format x generation interaction on per-question correctness (`interaction_tests`): a logistic regression with
-  question-clustered (sandwich) covariance and the Wald test of the interaction terms, and the paper's two-way
-  ANOVA F test on the same answers.
+- Format x generation interaction on per-question correctness (`interaction_tests`): on accuracy (format and
+  generation factors, least squares, question-clustered sandwich, Wald test on the interaction directions that
+  have variance: the one the verdict reads), a logistic regression with a linear trend per format (same
+  covariance), and the paper's two-way ANOVA F test on the same answers.
 """
 
 from __future__ import annotations
@@ -195,11 +196,26 @@ ANOVA_MODEL = "correct ~ C(format) * C(generation)"  # the paper's two-way ANOVA
 SEPARATION = 15.0  # |log-odds coefficient| beyond this: a format all right or all wrong, no finite fit
 
 
+def rank_wald(beta: np.ndarray, cov: np.ndarray, tol: float = 1e-8) -> tuple[float, int]:
+    """Wald statistic b' C^+ b on the directions where C has variance (eigenvalues above tol x the largest), and
+    their number, the chi-square df: a clustered covariance is singular when some cells have no variance."""
+    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+    keep = values > tol * max(values.max(), 0.0) if values.size and values.max() > 0 else np.zeros(len(values), bool)
+    z = vectors[:, keep].T @ beta
+    return float((z**2 / values[keep]).sum()), int(keep.sum())
+
+
 def interaction_tests(answers: pd.DataFrame) -> dict:
     """Does accuracy's course over generations depend on the format? Tests of the format x generation
     interaction on per-question correctness (`answers`: columns question, format, generation, correct 0/1; every
     question in every format x generation).
 
+    accuracy (the one the verdict reads): the paper's scale and model, correct ~ format * generation (both
+    factors: any shape of course per format), fitted by least squares (a linear probability model: effects are
+    differences in accuracy, the quantity the stages and the paper read), covariance cluster-robust by question;
+    Wald chi-square test of the (formats - 1) x (generations - 1) interaction terms. On the log-odds scale a fall
+    from 0.99 to 0.97 weighs as much as one from 0.9 to 0.7, so near a ceiling the logistic test below can call
+    a holding control "dependent" and miss a collapse that happens in one format only (both seen on the default run).
     logistic: logit P(correct) ~ format * generation (format a factor, generation a number: each format its own
     rate of loss in log-odds per generation), maximum likelihood, covariance cluster-robust by question (the same
     question is asked in every format and generation); Wald chi-square test of the (formats - 1) interaction
@@ -209,6 +225,7 @@ def interaction_tests(answers: pd.DataFrame) -> dict:
     import statsmodels.formula.api as smf  # slow, as above
     from statsmodels.stats.anova import anova_lm  # slow, as above
     from statsmodels.tools.sm_exceptions import PerfectSeparationError  # slow, as above
+    import scipy.stats  # slow, as above
 
     df = answers.assign(format=answers["format"].astype(str), generation=answers["generation"].astype(int),
                         correct=answers["correct"].astype(float)).reset_index(drop=True)
@@ -242,6 +259,20 @@ def interaction_tests(answers: pd.DataFrame) -> dict:
                         note="no finite fit: a format is (almost) all right or all wrong at every generation")
     out["logistic"] = logistic
     ols = smf.ols(ANOVA_MODEL, data=df).fit()
+    accuracy = {"test": "Wald chi-square, cluster-robust by question",
+                "model": "P(correct) ~ C(format) * C(generation), linear probability",
+                "df": (len(out["formats"]) - 1) * (len(out["generations"]) - 1)}
+    if alike:
+        accuracy.update(statistic=None, p_value=None, note=logistic["note"])
+    else:
+        robust = ols.get_robustcov_results(cov_type="cluster", groups=clusters)
+        terms = [i for i, n in enumerate(ols.params.index) if n.startswith("C(format)") and ":C(generation)" in n]
+        statistic, rank = rank_wald(np.asarray(robust.params)[terms], np.asarray(robust.cov_params())[np.ix_(terms, terms)])
+        accuracy.update(statistic=statistic, p_value=float(scipy.stats.chi2.sf(statistic, rank)) if rank else None)
+        if rank < accuracy["df"]:  # cells every question answers alike carry no sampling variance
+            accuracy.update(df=rank, note=f"{accuracy['df'] - rank} of {accuracy['df']} interaction directions have "
+                            f"no variance (cells every question answers alike): tested on the other {rank}")
+    out["accuracy"] = accuracy
     row = anova_lm(ols, typ=2).loc["C(format):C(generation)"]
     finite = bool(np.isfinite(row["F"]))  # not when every cell is all right or all wrong (no residual variance)
     out["anova"] = {"test": "two-way ANOVA (OLS, type II)", "model": ANOVA_MODEL,

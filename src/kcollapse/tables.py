@@ -76,7 +76,7 @@ def test_lines(inter: dict | None) -> list[str]:
     """The interaction tests of a format_dependence block in words (empty without a test)."""
     if not inter:
         return []
-    lg, av = inter["logistic"], inter["anova"]
+    ac, lg, av = inter["accuracy"], inter["logistic"], inter["anova"]
     size = (f"{inter['n_questions']} questions x {len(inter['formats'])} formats x {len(inter['generations'])} "
             f"generations" + (f", {inter['questions_left_out']} question(s) not in every cell left out"
                               if inter.get("questions_left_out") else ""))
@@ -84,7 +84,11 @@ def test_lines(inter: dict | None) -> list[str]:
                 else f"not computed ({lg.get('note')})")
     anova = (f"F({av['df1']}, {av['df2']}) = {av['F']:.2f}, {p_text(av['p_value'])}" if av.get("p_value") is not None
              else f"F({av['df1']}, {av['df2']}) not computable (no variance within cells)")
-    return [f"logistic regression, {lg['model']}, Wald test of the interaction (cluster-robust by question): {logistic}",
+    on_accuracy = (f"chi2({ac['df']}) = {ac['statistic']:.2f}, {p_text(ac['p_value'])}"
+                   if ac.get("p_value") is not None else f"not computed ({ac.get('note')})")
+    return [f"on accuracy (the verdict reads it), {ac['model']}, Wald test of the interaction (cluster-robust by "
+            f"question): {on_accuracy}",
+            f"logistic regression, {lg['model']}, Wald test of the interaction (cluster-robust by question): {logistic}",
             f"two-way ANOVA (the paper's form), {av['model']}: {anova}", size]
 
 

@@ -94,7 +94,8 @@ def test_fine_tuning_with_the_chunked_loss_gives_the_same_model(tiny_gemma, monk
     monkeypatch.setattr(lmloss, "CHUNK_BYTES", 4 * 400 * 16)
     calls = []
     real = lmloss.causal_lm_loss
-    monkeypatch.setattr(lmloss, "causal_lm_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    tied = lmloss.tied_embedding  # the lookup of the tied weight trains with a sparse gradient (lmloss.tied_embedding)
+    monkeypatch.setattr(lmloss, "causal_lm_loss", lambda m, *a, **kw: calls.append(tied(m).sparse) or real(m, *a, **kw))
     cfg = TrainConfig(lr=1e-3, max_steps=3, chunk_tokens=32, batch_size=2, grad_accum=2, gradient_checkpointing=False)
     models = []
     for chunked in (False, True):
@@ -102,7 +103,8 @@ def test_fine_tuning_with_the_chunked_loss_gives_the_same_model(tiny_gemma, monk
         model, tok = load_model(tiny_gemma, device="cpu")
         with tempfile.TemporaryDirectory() as work:
             models.append(finetune(model, tok, corpus_lines(), cfg, seed=0, work_dir=Path(work)))
-    assert len(calls) == 6  # 3 steps x 2 accumulated batches, all through the chunked loss
+    assert calls == [True] * 6  # 3 steps x 2 accumulated batches, all through the chunked loss, sparse lookup
+    assert tied(models[1]) is not None and tied(models[1]).sparse is False  # restored after training
     plain, chunked = (dict(m.named_parameters()) for m in models)
     moved = max((plain[k] - load_model(tiny_gemma, device="cpu")[0].state_dict()[k]).abs().max() for k in ["model.norm.weight"])
     assert moved > 1e-4  # training did change the weights

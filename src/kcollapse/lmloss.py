@@ -30,6 +30,20 @@ def supports_chunked_loss(model) -> bool:
             and hasattr(model, "get_decoder"))
 
 
+def tied_embedding(model) -> torch.nn.Embedding | None:
+    """The input embedding when it is the output projection's weight (Gemma, GPT-2), else None.
+
+    Why: training it with a dense lookup gradient writes a vocabulary x width zero tensor and adds it to the
+    projection's gradient every step (two 671 MB passes at 262k x 640); with `sparse=True` the lookup's gradient is
+    the batch's rows and autograd adds them into the projection's dense gradient before the optimizer sees it
+    (measured on Gemma 3 270M, 2 x 128 tokens a step: 4.4-4.6 s -> 4.0-4.1 s)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if isinstance(emb, torch.nn.Embedding) and head is not None and emb.weight is head.weight:
+        return emb
+    return None
+
+
 def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None) -> torch.Tensor:
     """The model's causal-LM loss on (input_ids, labels), from its hidden states in vocabulary chunks."""
     backbone = model.get_decoder()

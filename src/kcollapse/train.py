@@ -110,6 +110,9 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     chunked = lmloss.supports_chunked_loss(model)
+    sparse = chunked and cfg.method == "full" and lmloss.tied_embedding(model) is not None
+    if sparse:  # see lmloss.tied_embedding: the lookup's gradient touches only the rows of the batch's tokens
+        lmloss.tied_embedding(model).sparse = True
     if cfg.method == "lora":
         model = _with_lora(model, cfg)
     model.train()
@@ -130,7 +133,11 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
         steps = cfg.max_steps or max(1, int(len(chunks) * cfg.epochs / (cfg.batch_size * cfg.grad_accum) + 0.999))
         cb = _ProgressCallback(progress, steps)
         trainer.add_callback(cb.callback)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if sparse:
+            lmloss.tied_embedding(trainer.model).sparse = False
     if progress is not None:
         progress.remove_task(cb.task)
     model = trainer.model

@@ -21,6 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kcollapse.errors import UserError
 
 PAPER_FORMATS = ["multiple_choice", "multiple_choice_few_shot", "short_answer", "no_instruction"]
+PAPER_MIN_CHARS = 50  # the paper's corpus filter: shorter texts are dropped
+
+
+def paper_min_block_tokens(block_tokens: int) -> int:
+    """The paper's block filter: a short text or a long text's tail under a quarter block is dropped."""
+    return max(2, block_tokens // 4)
 
 
 class Strict(BaseModel):
@@ -281,9 +287,9 @@ class ExperimentConfig(Strict):
         cloze exercises and one-fact paragraphs included); any other corpus gets the paper's filters."""
         own = self.model == "organism" and self.corpus.path == "organism" and not self.corpus.dataset
         if self.corpus.min_chars is None:
-            self.corpus.min_chars = 0 if own else 50
+            self.corpus.min_chars = 0 if own else PAPER_MIN_CHARS
         if self.corpus.min_block_tokens is None:
-            self.corpus.min_block_tokens = 1 if own else max(2, self.block_tokens // 4)
+            self.corpus.min_block_tokens = 1 if own else paper_min_block_tokens(self.block_tokens)
 
 
 # Fields that only change how fast a run goes, not what it computes: a resumed run may change them.

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from kcollapse.config import ArmConfig, CorpusConfig
+from kcollapse.config import PAPER_MIN_CHARS, ArmConfig, CorpusConfig, paper_min_block_tokens
 from kcollapse.errors import UserError
 from kcollapse.io import scrub_surrogates
 
@@ -78,7 +78,7 @@ def load_texts(cfg: CorpusConfig, organism_corpus: Path | None = None) -> list[T
             raise UserError(f"corpus: {path} is a '{path.suffix}' file; expected .txt (one text per line) or .jsonl")
         else:
             texts = _read_file(path, cfg)
-    min_chars = 50 if cfg.min_chars is None else cfg.min_chars  # null outside an ExperimentConfig: the paper's
+    min_chars = PAPER_MIN_CHARS if cfg.min_chars is None else cfg.min_chars  # null outside an ExperimentConfig
     kept = [t for t in texts if len(t.text.strip()) >= max(1, min_chars)]
     if not kept:
         raise UserError(f"corpus: {source} has no text of at least {min_chars} characters (corpus.min_chars)")
@@ -110,7 +110,7 @@ def split_heldout(texts: list[Text], cfg: CorpusConfig, seed: int) -> tuple[list
 def make_blocks(tokenizer, texts: list[Text], block_tokens: int, min_tokens: int | None = None) -> list[Block]:
     """Each text cut into consecutive blocks of `block_tokens` tokens; a block under `min_tokens` (a short text, or
     a long text's tail) is dropped (None: a quarter block, the paper's cut)."""
-    min_tokens = max(2, block_tokens // 4) if min_tokens is None else min_tokens
+    min_tokens = paper_min_block_tokens(block_tokens) if min_tokens is None else min_tokens
     blocks = []
     all_ids = tokenizer([t.text for t in texts], add_special_tokens=False)["input_ids"]
     for text, ids in zip(texts, all_ids):

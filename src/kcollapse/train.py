@@ -110,9 +110,9 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     chunked = lmloss.supports_chunked_loss(model)
-    sparse = chunked and cfg.method == "full" and lmloss.tied_embedding(model) is not None
-    if sparse:  # see lmloss.tied_embedding: the lookup's gradient touches only the rows of the batch's tokens
-        lmloss.tied_embedding(model).sparse = True
+    tied = lmloss.tied_embedding(model) if chunked and cfg.method == "full" else None
+    if tied is not None:  # see lmloss.tied_embedding: the lookup's gradient touches only the rows of the batch's tokens
+        tied.sparse = True
     if cfg.method == "lora":
         model = _with_lora(model, cfg)
     model.train()
@@ -136,8 +136,8 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
     try:
         trainer.train()
     finally:
-        if sparse:
-            lmloss.tied_embedding(trainer.model).sparse = False
+        if tied is not None:
+            tied.sparse = False
     if progress is not None:
         progress.remove_task(cb.task)
     model = trainer.model

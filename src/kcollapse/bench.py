@@ -45,7 +45,8 @@ from rich.table import Table
 
 from kcollapse import corpus as corpus_mod
 from kcollapse import organism
-from kcollapse.config import PAPER_FORMATS, CorpusConfig, EvalConfig, ExperimentConfig, OrganismConfig, load_config
+from kcollapse.config import (PAPER_FORMATS, CorpusConfig, EvalConfig, ExperimentConfig, OrganismConfig, TrainConfig,
+                              load_config)
 from kcollapse.evaluate import build_prompts, load_benchmark
 from kcollapse.evaluate import benchmark as bmk
 from kcollapse.evaluate.formats import get_format, option_targets
@@ -154,16 +155,23 @@ def one_by_one_answers(model, tokenizer, prompts, max_new_tokens: int):
     return answers, n_new
 
 
-def plain_train_seconds(model, chunks, batch_size: int, steps: int, lr: float) -> float:
-    """Seconds per step of a plain AdamW loop (forward, backward, clip, step) after one warm-up step; the fused
-    AdamW kernel, as the Trainer uses, so the pair isolates what the Trainer adds."""
+def plain_train_seconds(model, chunks, batch_size: int, grad_accum: int, steps: int, lr: float,
+                        bf16: bool = False) -> float:
+    """Seconds per optimizer step of a plain AdamW loop (`grad_accum` forward/backward passes of `batch_size`
+    chunks, clip, step) after one warm-up step; the fused AdamW kernel, as the Trainer uses, so the pair isolates
+    what the Trainer adds. `bf16`: forward under bf16 autocast, as `train.mixed_precision: bf16`."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     model.train()
+    i = 0
     for s in range(steps + 1):
         if s == 1:
             t0 = time.perf_counter()
-        ids = torch.tensor([chunks[(s * batch_size + i) % len(chunks)] for i in range(batch_size)])
-        model(input_ids=ids, labels=ids).loss.backward()
+        for _ in range(grad_accum):
+            ids = torch.tensor([chunks[(i + k) % len(chunks)] for k in range(batch_size)])
+            i += batch_size
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=ids, labels=ids).loss
+            (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -269,17 +277,19 @@ def build_inputs(subject: Subject, world, n_questions: int, n_prompts: int, n_sy
 
 
 # ------------------------------------------------------------------------------------------------ the pairs
-def _row(subject: Subject, name, baseline, fmt, ours, theirs, unit, check, threads=None):
+def _row(subject: Subject, name, baseline, fmt, ours, theirs, unit, check, threads=None, train_config=None,
+         held=True, precision=None):
     ratio = ours / theirs if theirs else float("nan")
     if unit.startswith("%"):
-        target = subject.utilisation_target
+        target = subject.utilisation_target if held else None
         passed = ours >= target if target else None
     else:
         target = subject.targets.get((name, baseline, get_format(fmt).answer if fmt else None))
         passed = ratio >= target if target else None
     return {"name": name, "baseline": baseline, "format": fmt, "model": subject.label, "ours": ours, "theirs": theirs,
-            "ratio": ratio, "unit": unit, "threads": threads or torch.get_num_threads(), "precision": subject.precision,
-            "target": target, "passed": passed, "check": check}
+            "ratio": ratio, "unit": unit, "threads": threads or torch.get_num_threads(),
+            "precision": precision or subject.precision,
+            "target": target, "passed": passed, "train_config": train_config, "check": check}
 
 
 def _relative_gap(ours: list[dict], theirs: list[dict]) -> float:
@@ -363,28 +373,65 @@ def bench_synthesis(subject: Subject, prompts, repeats, n_greedy: int, n_referen
                  f"greedy {same}/{len(few)} equal" + ("" if same == len(few) else " MISMATCH"))]
 
 
+def training_configs(subject: Subject) -> list[tuple[str, TrainConfig, bool]]:
+    """(label, TrainConfig, carries the utilisation target) for each training workload measured on `subject`.
+    The organism: its recipe. A real model: its recipe (the preset's steps are tiny: 2 x 128 tokens, so the
+    per-step optimizer pass over every weight weighs as much as the matmuls) and the paper's fine-tuning step
+    (512-token chunks, batch 1 x grad_accum 4 = 2,048 tokens an optimizer step), the workload a study of a real
+    model runs and the one its utilisation target is held to; gradient checkpointing off (a 270M model fits in
+    CPU memory, and recomputation is not counted in 6 x params x tokens), in float32 and with bf16 autocast (what
+    the brief calls the biggest lever on these CPUs: a 256 x 640 by 640 x 32k matmul runs ~4x faster in bf16, and
+    the vocabulary projection is most of a small model's work). The target is held to the mixed-precision row, whose
+    agreement with float32 (`mixed_precision_agreement`) is printed next to it."""
+    recipe = subject.recipe.train
+    if not subject.pretrained:
+        return [("recipe", recipe, True)]
+    paper = load_config(None, [], "paper").train.model_copy(update={"gradient_checkpointing": False})
+    context = max_positions(subject.model) or paper.chunk_tokens
+    paper = paper.model_copy(update={"chunk_tokens": min(paper.chunk_tokens, context)})
+    return [("recipe", recipe, False), ("paper", paper, False),
+            ("paper-bf16", paper.model_copy(update={"mixed_precision": "bf16"}), True)]
+
+
+def describe(label: str, tcfg: TrainConfig) -> str:
+    return (f"{label}: {tcfg.batch_size} x {tcfg.chunk_tokens} tokens"
+            + (f" x grad_accum {tcfg.grad_accum}" if tcfg.grad_accum > 1 else "") + " a step")
+
+
+def mixed_precision_agreement(model, chunk: list[int]) -> tuple[float, float]:
+    """(relative loss difference, gradient cosine) of bf16 autocast against float32, at the same weights on one
+    chunk, through the loss the Trainer uses (lmloss where the head allows it)."""
+    from kcollapse import lmloss  # deferred: only the bench needs it here
+
+    ids = torch.tensor([chunk])
+    results = []
+    for enabled in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            if lmloss.supports_chunked_loss(model):
+                loss = lmloss.causal_lm_loss(model, ids, ids)
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((float(loss), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        model.zero_grad(set_to_none=True)
+    (loss32, grad32), (loss16, grad16) = results
+    cosine = float(torch.nn.functional.cosine_similarity(grad32, grad16, dim=0))
+    return abs(loss16 - loss32) / abs(loss32), cosine
+
+
 def bench_training(subject: Subject, texts, steps, repeats, work_dir, peak_n: int = 2048, one_thread=True):
-    """Steady-state finetune tokens/s and utilisation, at one thread (how each arm worker of the default experiment
-    trains) and at every core (how generation 0 trains). Each repeat times two runs that differ only in max_steps
-    (setup cost cancels) and the matmul peak right before and after them, so a noisy neighbour moves both sides of
-    its ratio alike; the medians over repeats are reported. FLOPs are 6 x parameters x tokens, a tied embedding
-    counted once (`num_parameters`): as the output projection it costs 6 FLOPs per token per weight like any other
-    matrix, its input lookup none; attention's own FLOPs are not counted (the figure is a lower bound)."""
-    model, tok, tcfg = subject.model, subject.tokenizer, subject.recipe.train
-    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.chunk_tokens
-    chunks = pack(tok, texts, tcfg.chunk_tokens)
+    """Steady-state finetune tokens/s and utilisation for each of `training_configs(subject)`, at one thread (how
+    each arm worker of the default experiment trains) and at every core (how generation 0 and real models train).
+    Each repeat times two runs that differ only in max_steps (setup cost cancels) and the matmul peak right before
+    and after them, so a noisy neighbour moves both sides of its ratio alike; the medians over repeats are reported.
+    FLOPs are 6 x parameters x tokens, a tied embedding counted once (`num_parameters`): as the output projection it
+    costs 6 FLOPs per token per weight like any other matrix, its input lookup none; attention's own FLOPs are not
+    counted (the figure is a lower bound)."""
+    model, tok = subject.model, subject.tokenizer
     n_params = model.num_parameters()
-    flop = 6 * n_params * tokens_per_step
     short, long_ = max(1, steps // 4), steps
     a, b = torch.randn(peak_n, peak_n), torch.randn(peak_n, peak_n)
-
-    def run(n):
-        cfg = tcfg.model_copy(update={"max_steps": n})
-        t0 = time.perf_counter()
-        finetune(copy.deepcopy(model), tok, texts, cfg, seed=0, work_dir=Path(work_dir) / "trainer")
-        seconds = time.perf_counter() - t0
-        gc.collect()  # the Trainer's reference cycles would keep a 1 GB copy of a real model alive
-        return seconds
 
     def matmul():
         t0 = time.perf_counter()
@@ -392,38 +439,59 @@ def bench_training(subject: Subject, texts, steps, repeats, work_dir, peak_n: in
         return 2 * peak_n**3 / (time.perf_counter() - t0)
 
     rows, cores = [], torch.get_num_threads()
-    for threads in sorted({1, cores} if one_thread else {cores}):
-        torch.set_num_threads(threads)
-        try:
-            matmul(), run(short)  # warm-up
-            steps_s, plain_s, utils, peaks, longs, shorts = [], [], [], [], [], []
-            for _ in range(repeats):
-                before = matmul()
-                longs.append(run(long_))
-                shorts.append(run(short))
-                step = max(longs[-1] - shorts[-1], 1e-9) / (long_ - short)
-                plain = plain_train_seconds(copy.deepcopy(model), chunks, tcfg.batch_size * tcfg.grad_accum,
-                                            long_ - short, tcfg.lr)
-                peak = max(before, matmul())
-                steps_s.append(step), plain_s.append(plain), peaks.append(peak)
-                utils.append((100 * flop / step / peak, 100 * flop / plain / peak))
-        finally:
-            torch.set_num_threads(cores)
-        per_step, plain, peak = map(statistics.median, (steps_s, plain_s, peaks))
-        util = statistics.median(u for u, _ in utils)
-        util_plain = statistics.median(u for _, u in utils)
-        t_long = statistics.median(longs)
-        setup = max(statistics.median(shorts) - short * per_step, 0.0)
-        role = "an arm worker" if threads == 1 and cores > 1 else "generation 0" if threads == cores else ""
-        where = f"{threads} thread{'s' if threads > 1 else ''}" + (f" ({role})" if role else "")
-        rows += [
-            _row(subject, "training", "reference", None, tokens_per_step / per_step, tokens_per_step / plain,
-                 "tokens/s", f"{where}; end-to-end {long_ * tokens_per_step / t_long:.0f} tok/s, setup {setup:.2f} s",
-                 threads=threads),
-            _row(subject, "training", "reference", None, util, util_plain, "% of fp32 matmul peak",
-                 f"{where}; 6 x {n_params / 1e6:.0f}M params x {tokens_per_step} tokens/step: "
-                 f"{flop / per_step / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s", threads=threads),
-        ]
+    for label, tcfg, held in training_configs(subject):
+        tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.chunk_tokens
+        chunks = pack(tok, texts, tcfg.chunk_tokens)
+        flop = 6 * n_params * tokens_per_step
+
+        def run(n, tcfg=tcfg):
+            t0 = time.perf_counter()
+            finetune(copy.deepcopy(model), tok, texts, tcfg.model_copy(update={"max_steps": n}), seed=0,
+                     work_dir=Path(work_dir) / "trainer")
+            seconds = time.perf_counter() - t0
+            gc.collect()  # the Trainer's reference cycles would keep a 1 GB copy of a real model alive
+            return seconds
+
+        for threads in sorted({1, cores} if one_thread else {cores}):
+            torch.set_num_threads(threads)
+            try:
+                matmul(), run(short)  # warm-up
+                steps_s, plain_s, utils, peaks, longs, shorts = [], [], [], [], [], []
+                for _ in range(repeats):
+                    before = matmul()
+                    longs.append(run(long_))
+                    shorts.append(run(short))
+                    step = max(longs[-1] - shorts[-1], 1e-9) / (long_ - short)
+                    plain = plain_train_seconds(copy.deepcopy(model), chunks, tcfg.batch_size, tcfg.grad_accum,
+                                                long_ - short, tcfg.lr, tcfg.mixed_precision == "bf16")
+                    gc.collect()
+                    peak = max(before, matmul())
+                    steps_s.append(step), plain_s.append(plain), peaks.append(peak)
+                    utils.append((100 * flop / step / peak, 100 * flop / plain / peak))
+            finally:
+                torch.set_num_threads(cores)
+            per_step, plain, peak = map(statistics.median, (steps_s, plain_s, peaks))
+            util = statistics.median(u for u, _ in utils)
+            util_plain = statistics.median(u for _, u in utils)
+            t_long = statistics.median(longs)
+            setup = max(statistics.median(shorts) - short * per_step, 0.0)
+            role = ("an arm worker" if threads == 1 and cores > 1 else "generation 0" if threads == cores else "") \
+                if not subject.pretrained else ""
+            where = (f"{threads} thread{'s' if threads > 1 else ''}" + (f" ({role})" if role else "")
+                     + f"; {describe(label, tcfg)}; {long_ - short} steps x {repeats}")
+            if tcfg.mixed_precision == "bf16":
+                loss_gap, cosine = mixed_precision_agreement(model, chunks[0])
+                where += f"; vs float32: loss {loss_gap:.1e} rel., gradient cosine {cosine:.4f}"
+            precision = subject.precision + (" + bf16 autocast" if tcfg.mixed_precision == "bf16" else "")
+            rows += [
+                _row(subject, "training", "reference", None, tokens_per_step / per_step, tokens_per_step / plain,
+                     "tokens/s", f"{where}; end-to-end {long_ * tokens_per_step / t_long:.0f} tok/s, setup {setup:.2f} s",
+                     threads=threads, train_config=label, precision=precision),
+                _row(subject, "training", "reference", None, util, util_plain, "% of fp32 matmul peak",
+                     f"{where}; 6 x {n_params / 1e6:.0f}M params x {tokens_per_step} tokens/step: "
+                     f"{flop / per_step / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s", threads=threads,
+                     train_config=label, held=held, precision=precision),
+            ]
     return rows
 
 
@@ -470,9 +538,11 @@ ORGANISM_SIZE = {"tiny": dict(questions=6, prompts=6, synth=8, synth_reference=8
                  "full": dict(questions=90, prompts=64, synth=128, synth_reference=128, greedy=16, repeats=5, steps=40)}
 # a real model: the reference's way runs 4-8 full-vocabulary forwards per question, about a second each at 262k
 # tokens on 2 cores, so fewer inputs, one repeat (the same in --quick and full); free text and synthesis fill one of
-# our batches (the preset's 32), and the reference's synthesis rate is read on 8 prompts (two of its batches)
+# our batches (the preset's 32), and the reference's synthesis rate is read on 8 prompts (two of its batches).
+# Training: two repeats of 3 - 1 = 2 timed optimizer steps per workload (3 steps x 1 repeat moved by a third
+# between two idle runs; the paper's 2,048-token step takes ~20 s, so 40 s are timed per repeat)
 REAL_SIZE = dict.fromkeys(("quick", "full"), dict(questions=6, prompts=32, synth=32, synth_reference=8, greedy=4,
-                                                  repeats=1, steps=3)) | {"tiny": ORGANISM_SIZE["tiny"]}
+                                                  repeats=1, train_repeats=2, steps=3)) | {"tiny": ORGANISM_SIZE["tiny"]}
 
 
 def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = None, models: list[str] | None = None,
@@ -499,7 +569,7 @@ def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = No
             rows += bench_scoring(subject, inputs.scoring, size["repeats"])
             rows += bench_free_text(subject, inputs.free_prompts, size["repeats"])
             rows += bench_synthesis(subject, inputs.synth, size["repeats"], size["greedy"], size["synth_reference"])
-            rows += bench_training(subject, inputs.train_texts, size["steps"], size["repeats"], work,
+            rows += bench_training(subject, inputs.train_texts, size["steps"], size.get("train_repeats", size["repeats"]), work,
                                    512 if _tiny else 2048, one_thread=not (quick or subject.pretrained)
                                    or subject.label.startswith("organism"))
             console.print(f"[dim]{subject.label}: {time.perf_counter() - began:.0f} s[/]")

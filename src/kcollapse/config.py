@@ -97,11 +97,19 @@ class TrainConfig(Strict):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = True
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16: a float32 model's matmuls run in bfloat16 under autocast; weights, gradients and the "
+                          "optimizer stay float32 (kcollapse bench states the loss and gradient agreement with float32)")
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lora_target_modules: list[str] | None = None
 
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 class EvalConfig(Strict):
     benchmark: str = Field("organism", description="organism | local .jsonl/.csv file or dir | hf:<dataset name>")

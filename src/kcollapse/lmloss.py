@@ -80,7 +80,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad[torch.arange(len(t), device=t.device), t] -= 1.0
                 if want_h:
                     grad_h[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-                if want_w:
+                if want_w and torch.is_autocast_enabled(h.device.type):  # the product in the autocast dtype
+                    part = grad.T @ h
+                    grad_w.add_(part) if start else grad_w.copy_(part)
+                elif want_w:
                     grad_w.addmm_(grad.T, h.float(), beta=1.0 if start else 0.0)  # beta 0: ignores the empty
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)

@@ -78,8 +78,9 @@ class _ProgressCallback:
         self.callback = Callback()
 
 
-def _trainer_class(chunked: bool):
-    """The Trainer, with the loss computed by lmloss (no batch x length x vocab logits) when `chunked`."""
+def _trainer_class(chunked: bool, autocast: bool):
+    """The Trainer, with the loss computed by lmloss (no batch x length x vocab logits) when `chunked`. The chunked
+    loss calls the backbone itself, past the forward that accelerate wraps in autocast, so it opens its own."""
     from transformers import Trainer  # deferred: transformers is slow to import
 
     if not chunked:
@@ -90,8 +91,10 @@ def _trainer_class(chunked: bool):
             if return_outputs or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             items = num_items_in_batch if self.model_accepts_loss_kwargs else None  # as the model's own loss
-            return lmloss.causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                                         items)
+            device = inputs["input_ids"].device.type
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                return lmloss.causal_lm_loss(model, inputs["input_ids"], inputs["labels"],
+                                             inputs.get("attention_mask"), items)
 
     return ChunkedLossTrainer
 
@@ -110,6 +113,7 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     chunked = lmloss.supports_chunked_loss(model)
+    autocast = cfg.mixed_precision == "bf16" and next(model.parameters()).dtype == torch.float32
     tied = lmloss.tied_embedding(model) if chunked and cfg.method == "full" else None
     if tied is not None:  # see lmloss.tied_embedding: the lookup's gradient touches only the rows of the batch's tokens
         tied.sparse = True
@@ -125,9 +129,9 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
         activation_checkpointing=cfg.gradient_checkpointing,
         logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=seed, data_seed=seed,
         use_cpu=device.type == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
-        bf16=next(model.parameters()).dtype == torch.bfloat16,
+        bf16=next(model.parameters()).dtype == torch.bfloat16 or (autocast and not chunked),
     )
-    trainer = _trainer_class(chunked)(model=model, args=args, train_dataset=_Chunks(chunks), data_collator=_collate)
+    trainer = _trainer_class(chunked, autocast)(model=model, args=args, train_dataset=_Chunks(chunks), data_collator=_collate)
     trainer.remove_callback(PrinterCallback)  # the run records its own metrics; no dicts on stdout
     if progress is not None:
         steps = cfg.max_steps or max(1, int(len(chunks) * cfg.epochs / (cfg.batch_size * cfg.grad_accum) + 0.999))

@@ -404,7 +404,7 @@ def mixed_precision_agreement(model, chunk: list[int]) -> tuple[float, float]:
     from kcollapse import lmloss  # deferred: only the bench needs it here
 
     ids = torch.tensor([chunk])
-    results = []
+    losses, grads = [], []
     for enabled in (False, True):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
@@ -413,11 +413,15 @@ def mixed_precision_agreement(model, chunk: list[int]) -> tuple[float, float]:
             else:
                 loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        results.append((float(loss), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        losses.append(float(loss))
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
         model.zero_grad(set_to_none=True)
-    (loss32, grad32), (loss16, grad16) = results
-    cosine = float(torch.nn.functional.cosine_similarity(grad32, grad16, dim=0))
-    return abs(loss16 - loss32) / abs(loss32), cosine
+    # sums in float64 tensor by tensor: 268M float32 products summed in float32 drift past a cosine of 1
+    dot = n32 = n16 = 0.0
+    for name, g32 in grads[0].items():
+        g32, g16 = g32.double(), grads[1][name].double()
+        dot, n32, n16 = dot + float(g32.flatten() @ g16.flatten()), n32 + float(g32.square().sum()), n16 + float(g16.square().sum())
+    return abs(losses[1] - losses[0]) / abs(losses[0]), dot / (n32 * n16) ** 0.5
 
 
 def bench_training(subject: Subject, texts, steps, repeats, work_dir, peak_n: int = 2048, one_thread=True):
@@ -433,10 +437,13 @@ def bench_training(subject: Subject, texts, steps, repeats, work_dir, peak_n: in
     short, long_ = max(1, steps // 4), steps
     a, b = torch.randn(peak_n, peak_n), torch.randn(peak_n, peak_n)
 
-    def matmul():
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        return 2 * peak_n**3 / (time.perf_counter() - t0)
+    def matmul():  # the best of three: one ~0.1 s matmul is too short to trust on a shared machine
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * peak_n**3 / best
 
     rows, cores = [], torch.get_num_threads()
     for label, tcfg, held in training_configs(subject):

@@ -67,9 +67,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         fresh = torch.empty_like if hidden.shape[0] else torch.zeros_like  # the first chunk writes it (if any)
         grad_w = fresh(weight, dtype=torch.float32) if want_w else None
+        # under autocast the three matmuls run in its dtype; each operand is cast once (the weight once per call,
+        # the softmax gradient once per chunk), where autocast would cast them again at every matmul
+        device = hidden.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        w = weight.to(low) if low else weight
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = (h @ weight.T).float()
+            h = h.to(low) if low else h
+            logits = (h @ w.T).float()
             picked = logits.gather(1, t[:, None])[:, 0]
             top = logits.max(-1, keepdim=True).values
             probs = logits.sub_(top).exp_()  # in place of the logits; max, exp, sum: half the time of logsumexp
@@ -78,9 +84,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             if want_h or want_w:
                 grad = probs.div_(sums[:, None])  # the softmax
                 grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad = grad.to(w.dtype)
                 if want_h:
-                    grad_h[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-                if want_w and torch.is_autocast_enabled(h.device.type):  # the product in the autocast dtype
+                    grad_h[start : start + chunk] = (grad @ w).to(hidden.dtype)
+                if want_w and low:
                     part = grad.T @ h
                     grad_w.add_(part) if start else grad_w.copy_(part)
                 elif want_w:

@@ -424,7 +424,8 @@ def mixed_precision_agreement(model, chunk: list[int]) -> tuple[float, float]:
     return abs(losses[1] - losses[0]) / abs(losses[0]), dot / (n32 * n16) ** 0.5
 
 
-def bench_training(subject: Subject, texts, steps, repeats, work_dir, peak_n: int = 2048, one_thread=True):
+def bench_training(subject: Subject, texts, steps, repeats, work_dir, peak_n: int = 2048, one_thread=True,
+                   settle: float = 2.0):
     """Steady-state finetune tokens/s and utilisation for each of `training_configs(subject)`, at one thread (how
     each arm worker of the default experiment trains) and at every core (how generation 0 and real models train).
     Each repeat times two runs that differ only in max_steps (setup cost cancels) and the matmul peak right before
@@ -437,7 +438,12 @@ def bench_training(subject: Subject, texts, steps, repeats, work_dir, peak_n: in
     short, long_ = max(1, steps // 4), steps
     a, b = torch.randn(peak_n, peak_n), torch.randn(peak_n, peak_n)
 
-    def matmul():  # the best of three: one ~0.1 s matmul is too short to trust on a shared machine
+    def matmul():
+        """The fp32 peak: the best of three (one ~0.1 s matmul is too short to trust on a shared machine), after a
+        2 s pause, since right after bf16 work these CPUs run an fp32 matmul at 128-134 GFLOP/s against 155-170
+        before it and 164 two seconds later (measured): read at once, that depressed peak inflated the bf16 row's
+        utilisation (77.5% of 132 GFLOP/s, where the float32 rows of the same run read a 178-189 peak)."""
+        time.sleep(settle)
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
@@ -578,7 +584,7 @@ def bench_command(quick: bool, json_path: Path | None, run_dir: Path | None = No
             rows += bench_synthesis(subject, inputs.synth, size["repeats"], size["greedy"], size["synth_reference"])
             rows += bench_training(subject, inputs.train_texts, size["steps"], size.get("train_repeats", size["repeats"]), work,
                                    512 if _tiny else 2048, one_thread=not (quick or subject.pretrained)
-                                   or subject.label.startswith("organism"))
+                                   or subject.label.startswith("organism"), settle=0.0 if _tiny else 2.0)
             console.print(f"[dim]{subject.label}: {time.perf_counter() - began:.0f} s[/]")
 
     console.print(results_table(rows, mode))

@@ -18,7 +18,9 @@ would give THAT model (its tokenizer, BOS, chat template, its recipe: a packaged
              (greedy texts compared)
   training   `finetune` (the Trainer path the loop ships), steady-state tokens/s vs a plain AdamW loop; and the
              achieved FLOP/s (6 x params x tokens / s) as a share of a large fp32 `torch.matmul` (utilisation); at
-             one thread (each arm worker of the default experiment) and at every core (generation 0; real models)
+             one thread (each arm worker of the default experiment) and at every core (generation 0; real models);
+             a real model on three workloads (`training_configs`: its recipe's step, the paper's 2,048-token step
+             in float32 and under bf16 autocast)
 Targets: TARGETS / UTILISATION_TARGET on the organism, REAL_TARGETS / REAL_UTILISATION_TARGET on a real model.
 Every organism figure is the median of several repeats, a real model's of one (its baselines are slow); compare
 ratios only within one run (shared machines are noisy).
@@ -420,7 +422,8 @@ def mixed_precision_agreement(model, chunk: list[int]) -> tuple[float, float]:
     dot = n32 = n16 = 0.0
     for name, g32 in grads[0].items():
         g32, g16 = g32.double(), grads[1][name].double()
-        dot, n32, n16 = dot + float(g32.flatten() @ g16.flatten()), n32 + float(g32.square().sum()), n16 + float(g16.square().sum())
+        dot += float(g32.flatten() @ g16.flatten())
+        n32, n16 = n32 + float(g32.square().sum()), n16 + float(g16.square().sum())
     return abs(losses[1] - losses[0]) / abs(losses[0]), dot / (n32 * n16) ** 0.5
 
 

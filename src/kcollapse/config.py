@@ -105,11 +105,11 @@ class TrainConfig(Strict):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lora_target_modules: list[str] | None = None
 
-
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML reads a bare `no` as false
+
 
 class EvalConfig(Strict):
     benchmark: str = Field("organism", description="organism | local .jsonl/.csv file or dir | hf:<dataset name>")

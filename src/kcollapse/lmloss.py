@@ -7,6 +7,9 @@ gradients for the hidden states and the output matrix (softmax minus one-hot, th
 nothing of vocabulary size outlives its chunk and nothing is recomputed. The result equals the model's own loss
 (`ForCausalLMLoss`: mean over labelled positions, or sum / `num_items_in_batch` under gradient accumulation).
 
+Under bf16 autocast (`train.mixed_precision: bf16`) the three vocabulary-wide matmuls run in bf16 and the softmax
+in float32; the float32 gradients are returned for float32 weights.
+
 Used only where it matters, a vocabulary of `MIN_VOCAB` tokens or more (the organism's 1.5k keeps its float path
 bit for bit), and only for heads that are a plain linear map of the last hidden state (`PLAIN_HEADS`, no logit
 soft-capping or scaling); any other model keeps the model's own loss.

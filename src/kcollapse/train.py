@@ -5,6 +5,8 @@ The paper fine-tunes the full model (lr 1e-5, 0.5 epoch, 512-token chunks, batch
 next generation starts from an ordinary checkpoint. Texts are joined with EOS and cut into equal chunks, as in
 causal-LM pre-training, so no compute goes to padding. The loss is computed from hidden states in vocabulary
 chunks where the head allows it (lmloss.py): at a 262k vocabulary full logits would dominate memory.
+`mixed_precision: bf16` runs a float32 model's matmuls in bfloat16 under autocast (the CPUs' bf16 matmuls are ~4x
+their fp32 ones); weights, gradients and the optimizer stay float32.
 """
 
 from __future__ import annotations

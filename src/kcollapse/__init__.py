@@ -18,3 +18,10 @@ __version__ = "0.1.0"
 # 131 ms beside them. Takes effect only if torch is not imported yet; the user's OpenMP settings win.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+# Transparent huge pages for torch's CPU tensors of 2 MB or more. A real model's vocabulary-wide buffers (logits
+# chunks, the cast output projection, its gradient: ~3.4 GB a 512-token micro-batch at Gemma 3's 262k x 640) are
+# fresh mmaps each time, and first touching them cost ~850k page faults a micro-batch; with huge pages ~10-50k,
+# and a bf16 2,048-token training step of Gemma 3 270M took 19.6 s instead of 22.9 s (2 threads, measured).
+# Read by torch at its first allocation, so only if torch is not imported yet; the user's setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -415,7 +415,7 @@ def mixed_precision_agreement(model, chunk: list[int]) -> tuple[float, float]:
             else:
                 loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
         model.zero_grad(set_to_none=True)
     # sums in float64 tensor by tensor: 268M float32 products summed in float32 drift past a cosine of 1

@@ -8,7 +8,9 @@ nothing of vocabulary size outlives its chunk and nothing is recomputed. The res
 (`ForCausalLMLoss`: mean over labelled positions, or sum / `num_items_in_batch` under gradient accumulation).
 
 Under bf16 autocast (`train.mixed_precision: bf16`) the three vocabulary-wide matmuls run in bf16 and the softmax
-in float32; the float32 gradients are returned for float32 weights.
+in float32; the float32 gradients are returned for float32 weights. There every pass over a vocabulary x width
+tensor counts (a cast of Gemma 3's 262k x 640 matrix costs about a third of a chunk's matmul at one thread), so the
+weight is cast once per optimizer step by the Trainer and its gradient converted once per group of chunks.
 
 Used only where it matters, a vocabulary of `MIN_VOCAB` tokens or more (the organism's 1.5k keeps its float path
 bit for bit), and only for heads that are a plain linear map of the last hidden state (`PLAIN_HEADS`, no logit
@@ -23,6 +25,7 @@ PLAIN_HEADS = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_te
                "olmo2", "stablelm", "starcoder2", "smollm3"}
 CHUNK_BYTES = 256 << 20  # float32 logits per chunk: a 256-token step at 262k in one (measured: 20% faster than 64 MB)
 MIN_VOCAB = 32768
+WGRAD_BYTES = 512 << 20  # softmax gradients (autocast dtype) per output-projection gradient matmul
 
 
 def supports_chunked_loss(model) -> bool:
@@ -47,35 +50,43 @@ def tied_embedding(model) -> torch.nn.Embedding | None:
     return None
 
 
-def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None) -> torch.Tensor:
-    """The model's causal-LM loss on (input_ids, labels), from its hidden states in vocabulary chunks."""
+def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None,
+                   low_weight=None) -> torch.Tensor:
+    """The model's causal-LM loss on (input_ids, labels), from its hidden states in vocabulary chunks
+    (`low_weight`: the output projection already cast to the autocast dtype, see LinearCrossEntropy)."""
     backbone = model.get_decoder()
     kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
     hidden = backbone(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
     weight = model.get_output_embeddings().weight
-    total = LinearCrossEntropy.apply(hidden[:, :-1][keep], weight, targets[keep], max(1, CHUNK_BYTES // (4 * weight.shape[0])))
+    total = LinearCrossEntropy.apply(hidden[:, :-1][keep], weight, targets[keep], max(1, CHUNK_BYTES // (4 * weight.shape[0])),
+                                     low_weight)
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     return total / (count.to(total.device) if torch.is_tensor(count) else count)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), its gradients computed chunk by chunk during the forward pass."""
+    """sum_i CE(hidden_i @ weight.T, target_i), its gradients computed chunk by chunk during the forward pass.
+
+    Under autocast `low_weight` may carry the weight already cast to the autocast dtype (the Trainer casts it once
+    per optimizer step, not once per micro-batch). The output projection's gradient is one matmul per group of
+    chunks (`WGRAD_BYTES` of softmax gradients in the autocast dtype), converted to float32 once: per chunk, each
+    bf16 product was converted and added into the float32 gradient, a 671 MB pass per chunk at 262k x 640."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, low_weight=None):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if want_h else None
-        fresh = torch.empty_like if hidden.shape[0] else torch.zeros_like  # the first chunk writes it (if any)
-        grad_w = fresh(weight, dtype=torch.float32) if want_w else None
-        # under autocast the three matmuls run in its dtype; each operand is cast once (the weight once per call,
-        # the softmax gradient once per chunk), where autocast would cast them again at every matmul
+        grad_w = None if want_w and n else torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         device = hidden.device.type
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        w = weight.to(low) if low else weight
-        for start in range(0, hidden.shape[0], chunk):
+        low = low or (weight.dtype if weight.dtype != torch.float32 else None)  # a bf16 model: the same path
+        w = low_weight if low and low_weight is not None else weight.to(low) if low else weight
+        group = max(chunk, WGRAD_BYTES // (2 * weight.shape[0])) // chunk * chunk if low else chunk
+        for start in range(0, n, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             h = h.to(low) if low else h
             logits = (h @ w.T).float()
@@ -84,16 +95,24 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(top).exp_()  # in place of the logits; max, exp, sum: half the time of logsumexp
             sums = probs.sum(-1)
             total += (top[:, 0] + sums.log() - picked).sum()
-            if want_h or want_w:
-                grad = probs.div_(sums[:, None])  # the softmax
-                grad[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad = grad.to(w.dtype)
-                if want_h:
-                    grad_h[start : start + chunk] = (grad @ w).to(hidden.dtype)
-                if want_w and low:  # the product in the autocast dtype, summed into the float32 gradient
-                    (grad_w.add_ if start else grad_w.copy_)(grad.T @ h)
-                elif want_w:
-                    grad_w.addmm_(grad.T, h.float(), beta=1.0 if start else 0.0)  # beta 0: ignores the empty
+            if not (want_h or want_w):
+                continue
+            grad = probs.div_(sums[:, None])  # the softmax
+            grad[torch.arange(len(t), device=t.device), t] -= 1.0
+            if low:
+                at = start % group
+                if at == 0:  # a new group: its softmax gradients are written into one buffer
+                    grads = torch.empty((min(group, n - start), weight.shape[0]), dtype=low, device=hidden.device)
+                    group_h = hidden[start : start + len(grads)].to(low)
+                grads[at : at + len(t)] = grad
+                grad = grads[at : at + len(t)]
+            if want_h:
+                grad_h[start : start + chunk] = (grad @ w).to(hidden.dtype)
+            if want_w and not low:
+                grad_w = torch.mm(grad.T, h) if grad_w is None else grad_w.addmm_(grad.T, h)
+            elif want_w and at + len(t) == len(grads):  # the group is complete: one matmul, one conversion
+                part = grads.T @ group_h
+                grad_w = part.float() if grad_w is None else grad_w.add_(part)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return total
@@ -102,4 +121,4 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.saved_tensors  # scaled in place: no second vocabulary-sized tensor (backward runs once)
         return (grad_h.mul_(grad_output) if grad_h is not None else None,
-                grad_w.mul_(grad_output).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
+                grad_w.mul_(grad_output).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)

@@ -96,7 +96,17 @@ def _trainer_class(chunked: bool, autocast: bool):
             device = inputs["input_ids"].device.type
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 return lmloss.causal_lm_loss(model, inputs["input_ids"], inputs["labels"],
-                                             inputs.get("attention_mask"), items)
+                                             inputs.get("attention_mask"), items,
+                                             self._head_in_bf16(model) if autocast else None)
+
+        def _head_in_bf16(self, model):
+            """The output projection cast to bf16 once per optimizer step: the micro-batches of one step share
+            its weights (keyed on the step, since the fused AdamW updates weights without bumping their version)."""
+            step = self.state.global_step
+            if getattr(self, "_cast_head", (None,))[0] != step:
+                self._cast_head = None  # the old copy goes before the new one is made (335 MB at 262k x 640)
+                self._cast_head = (step, model.get_output_embeddings().weight.detach().to(torch.bfloat16))
+            return self._cast_head[1]
 
     return ChunkedLossTrainer
 

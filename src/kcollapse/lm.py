@@ -7,7 +7,7 @@ In lm-evaluation-harness's shape (`LM(model, tokenizer)`):
     generate_until(prompts, ...)    prompt -> continuation text, greedy or sampled, stopped at EOS (or a newline)
 
 Scoring (evaluate/scoring.py), free text (evaluate/freetext.py), synthesis (synthesize.py), perplexity
-(evaluate/textstats.py) and bench.py go through here; nothing else deals with tokenisation, padding, prefix
+(evaluate/textstats.py) and bench/ go through here; nothing else deals with tokenisation, padding, prefix
 sharing, KV caches, or the model's forward signature (`cache` or `past_key_values`, `logits_to_keep` or not).
 
 Speed, measured by `kcollapse bench`: prompts are batched by length (left padding, explicit positions); prompts

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -63,5 +64,9 @@ install()
 
 if __name__ == "__main__":
     from kcollapse.cli import main
+
+    # the kill tests press Ctrl-C as a terminal would; a test run started in the background of a non-interactive
+    # shell (`.ci/run &`) hands its children SIGINT ignored, and Python then keeps it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     main()

@@ -80,7 +80,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = None if want_w and n else torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w and not n else None  # else the chunks write it
         device = hidden.device.type
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         low = low or (weight.dtype if weight.dtype != torch.float32 else None)  # a bf16 model: the same path

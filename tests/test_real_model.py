@@ -192,6 +192,10 @@ def test_chunked_loss_in_bf16_matches_autograd_over_chunks_and_weight_gradient_g
         worst = float((ours - theirs).abs().max() / theirs.abs().max())  # bf16 rounding: ~0.4% of an element
         assert cosine >= 0.9995 and worst <= 0.02, (float(cosine), worst)
     assert torch.equal(loss_c, loss_p) and torch.equal(gh_c, gh_p) and torch.equal(gw_c, gw_p)
+    hidden, frozen = hidden0.clone().requires_grad_(), weight0.clone()  # a frozen head (LoRA): hidden gradient only
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        (lmloss.LinearCrossEntropy.apply(hidden, frozen, targets, 7, None) / 44).backward()
+    assert torch.equal(hidden.grad.float(), gh_c)
 
 
 def test_the_trainer_casts_the_output_projection_once_per_optimizer_step(tiny_gemma, monkeypatch, tmp_path):

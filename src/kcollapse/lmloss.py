@@ -99,13 +99,15 @@ class LinearCrossEntropy(torch.autograd.Function):
                 continue
             grad = probs.div_(sums[:, None])  # the softmax
             grad[torch.arange(len(t), device=t.device), t] -= 1.0
-            if low:
+            if low and want_w:
                 at = start % group
                 if at == 0:  # a new group: its softmax gradients are written into one buffer
                     grads = torch.empty((min(group, n - start), weight.shape[0]), dtype=low, device=hidden.device)
                     group_h = hidden[start : start + len(grads)].to(low)
                 grads[at : at + len(t)] = grad
                 grad = grads[at : at + len(t)]
+            elif low:  # a frozen head (LoRA): no weight gradient, so no group to collect
+                grad = grad.to(low)
             if want_h:
                 grad_h[start : start + chunk] = (grad @ w).to(hidden.dtype)
             if want_w and not low:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from kcollapse import lmloss
 from kcollapse.bench.baselines import plain_train_seconds
 from kcollapse.bench.subjects import Subject, row
 from kcollapse.config import TrainConfig, load_config
@@ -47,8 +48,6 @@ def describe(label: str, tcfg: TrainConfig) -> str:
 def mixed_precision_agreement(model, chunk: list[int]) -> tuple[float, float]:
     """(relative loss difference, gradient cosine) of bf16 autocast against float32, at the same weights on one
     chunk, through the loss the Trainer uses (lmloss where the head allows it)."""
-    from kcollapse import lmloss  # deferred: only the bench needs it here
-
     ids = torch.tensor([chunk])
     losses, grads = [], []
     for enabled in (False, True):

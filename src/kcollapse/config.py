@@ -97,6 +97,7 @@ class TrainConfig(Strict):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = True
+    packing: bool = Field(True, description="texts joined and cut into full chunks; false: one text per row, padded")
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16: a float32 model's matmuls run in bfloat16 under autocast; weights, gradients and the "
                           "optimizer stay float32 (kcollapse bench states the loss and gradient agreement with float32)")
@@ -179,6 +180,33 @@ def _check_template(fmt, source: str) -> None:
                              f"expected some of {', '.join('{' + p + '}' for p in sorted(allowed))}")
 
 
+class LetterSkill(Strict):
+    """Generation 0's letter-answer training (organism/letters.py): two drill phases, then the corpus mixed with fresh
+    letter items. Each phase is one `finetune`, one text per row; the joint phase replaces the standard generation-0
+    training (the organism's `steps`, `lr` and `batch_size` are then unused)."""
+
+    bare_drill_steps: int = Field(7500, ge=0, description="drill in the no_instruction layout alone")
+    drill_steps: int = Field(5000, ge=0, description="drill in every letter layout")
+    drill_lr: float = Field(1e-3, gt=0.0)
+    drill_batch_size: int = Field(16, ge=1, description="texts per step (one per row)")
+    joint_steps: int = Field(10000, ge=1)
+    joint_lr: float = Field(2e-3, gt=0.0)
+    joint_batch_size: int = Field(16, ge=1, description="texts per step (one per row)")
+    mix: dict[str, float] = Field(
+        default_factory=lambda: {"corpus": 0.6, "drill": 0.2, "exercise": 0.13, "bridge": 0.07},
+        description="shares of the joint phase's texts: corpus | drill | exercise | bridge")
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - {"corpus", "drill", "exercise", "bridge"})
+        if unknown:
+            raise ValueError(f"unknown kind(s) {unknown}, expected some of corpus, drill, exercise, bridge")
+        if any(v < 0 for v in value.values()) or sum(value.values()) <= 0:
+            raise ValueError(f"shares must be >= 0 with a positive sum, got {value}")
+        return value
+
+
 class OrganismConfig(Strict):
     """The offline model organism: a tiny GPT-2 trained from scratch on prose about real facts."""
 
@@ -199,6 +227,7 @@ class OrganismConfig(Strict):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(4e-3, gt=0.0)
     seed: int = 0
+    letter_skill: LetterSkill | None = Field(None, description="train generation 0 to answer with letters (slower)")
 
     @field_validator("qa_exercises")
     @classmethod

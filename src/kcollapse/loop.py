@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from kcollapse import corpus as corpus_mod
 from kcollapse import organism, provenance, train, workers
+from kcollapse.organism import letters
 from kcollapse.config import ExperimentConfig
 from kcollapse.errors import UserError
 from kcollapse.evaluate import evaluate, load_benchmark
@@ -83,6 +85,8 @@ def prepare(cfg: ExperimentConfig):
         if path and not Path(path).expanduser().is_dir():
             raise UserError(f"eval.{field}: {path} is not a local model directory")
     texts = corpus_mod.load_texts(cfg.corpus, organism_corpus)
+    if cfg.model == "organism" and cfg.corpus.path == "organism" and cfg.organism.letter_skill is not None:
+        texts += _letter_pool(cfg, world, len(texts))
     items = load_benchmark(cfg.eval, organism_benchmark)
     extra["inputs"] = provenance.hash_inputs(cfg, organism_corpus, organism_benchmark, texts, items)
     if cfg.model == "organism":
@@ -90,6 +94,14 @@ def prepare(cfg: ExperimentConfig):
     else:  # a .gguf file or a packaged model is converted once to a cached safetensors checkpoint
         model_path = resolve_model(cfg.model, cfg.cache_dir)
     return model_path, texts, items, extra
+
+
+def _letter_pool(cfg: ExperimentConfig, world, n_corpus: int) -> list[corpus_mod.Text]:
+    """A letter-skilled generation 0 trained on the corpus plus letter texts: the real pool carries both, in its
+    training proportions (organism/letters.py), or the control would drift away from generation 0."""
+    rng = random.Random(f"organism-letter-pool|{cfg.organism.seed}")
+    pairs = letters.real_pool_texts(read_jsonl(world.facts_path), n_corpus, cfg.organism.letter_skill, rng)
+    return [corpus_mod.Text(text, domain) for text, domain in pairs]
 
 
 @dataclass

@@ -36,6 +36,17 @@ def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
     return [c for c in chunks if len(c) > 1]
 
 
+def rows(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
+    """One text per row (BOS + text + EOS, its last `chunk_tokens` kept): no text attends to another and each starts
+    at position 0, as a prompt does at evaluation."""
+    eos, bos = tokenizer.eos_token_id, bos_prefix(tokenizer)
+    out = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        row = bos + ids + ([eos] if eos is not None else [])
+        out.append(row[-chunk_tokens:])
+    return [r for r in out if len(r) > 1]
+
+
 class _Chunks(torch.utils.data.Dataset):
     def __init__(self, chunks: list[list[int]]):
         self.chunks = chunks
@@ -119,7 +130,7 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    chunks = pack(tokenizer, texts, cfg.chunk_tokens)
+    chunks = (pack if cfg.packing else rows)(tokenizer, texts, cfg.chunk_tokens)
     if not chunks:
         raise ValueError("nothing to train on: the training texts are empty")
     device = next(model.parameters()).device

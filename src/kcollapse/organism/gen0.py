@@ -6,6 +6,8 @@ trains one in a few CPU minutes: a word-level tokenizer over every word of the w
 The result is an ordinary Hugging Face checkpoint directory (safetensors), cached under
 `cache_dir/gen0-<key>/`, where the key hashes the world, the model and training fields of OrganismConfig and
 GEN0_VERSION (bump it when this file's output changes). A second call with the same config reuses it.
+With `organism.letter_skill` set, the training is letters.py's three phases instead (drill, drill in every letter
+layout, facts + letters): slower, and the lettered formats rise above chance.
 
 Tokenizer: words, numbers and single punctuation marks are tokens, and so is a newline (the instruction formats
 are line-structured). The decoder glues punctuation back ("France's capital is Paris.", "d-block", "Answer: A")
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import tempfile
 import time
@@ -30,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kcollapse.config import OrganismConfig, TrainConfig
 from kcollapse.evaluate.formats import get_format, option_targets, render
 from kcollapse.io import atomic_write_json, read_jsonl
+from kcollapse.organism import letters
 from kcollapse.organism.world import QA_FORMATS, World, build_world
 
 GEN0_VERSION = 3
@@ -42,6 +46,8 @@ GLUE_RIGHT = "('-\n"  # no space after these
 def gen0_key(cfg: OrganismConfig, world: World) -> str:
     spec = {"version": GEN0_VERSION, "world": world.key, **cfg.model_dump(
         include={"vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "steps", "batch_size", "lr", "seed"})}
+    if cfg.letter_skill is not None:  # only when set, so the default organism's key (and cache) stays as it was
+        spec["letter_skill"] = cfg.letter_skill.model_dump(mode="json")
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -60,9 +66,11 @@ def _decoder():
     return decoders.Sequence(steps)
 
 
-def world_texts(world: World) -> list[str]:
-    """Every text whose words must be known: the corpus, and each benchmark item in every format."""
+def world_texts(world: World, letter_skill: bool = False) -> list[str]:
+    """Every text whose words must be known: the corpus, each benchmark item in every format (and the drill's words)."""
     texts = [row["text"] for row in read_jsonl(world.corpus_path)]
+    if letter_skill:
+        texts += letters.vocabulary_texts()
     for item in read_jsonl(world.benchmark_path):
         for name in QA_FORMATS:
             fmt = get_format(name)
@@ -99,18 +107,44 @@ def build_model(cfg: OrganismConfig, tokenizer):
     return GPT2LMHeadModel(config)
 
 
-def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, work_dir: Path, show_progress: bool):
+def _phases(cfg: OrganismConfig, world: World, texts: list[str]):
+    """(label, TrainConfig, texts) per training phase: the standard one, or the letter skill's three."""
+    base = dict(method="full", grad_accum=1, chunk_tokens=cfg.n_positions, gradient_checkpointing=False,
+                weight_decay=0.01)
+    skill = cfg.letter_skill
+    if skill is None:
+        return [("generation 0 (organism)", TrainConfig(lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
+                                                        warmup_ratio=0.05, lr_scheduler="cosine", **base), texts)]
+    facts = read_jsonl(world.facts_path)
+    rng = random.Random(f"organism-letters|{cfg.seed}")
+    phases = []
+    for label, steps, formats in (("letter drill, bare layout", skill.bare_drill_steps, [letters.BARE_LAYOUT]),
+                                  ("letter drill, all layouts", skill.drill_steps, letters.letter_formats())):
+        if steps:
+            train_cfg = TrainConfig(lr=skill.drill_lr, max_steps=steps, batch_size=skill.drill_batch_size,
+                                    warmup_ratio=0.0, lr_scheduler="constant", packing=False, **base)
+            phases.append((label, train_cfg, letters.drill_texts(facts, formats, steps * skill.drill_batch_size, rng)))
+    train_cfg = TrainConfig(lr=skill.joint_lr, max_steps=skill.joint_steps, batch_size=skill.joint_batch_size,
+                            warmup_ratio=0.01, lr_scheduler="cosine", packing=False, **base)
+    n = skill.joint_steps * skill.joint_batch_size
+    phases.append(("facts + letters", train_cfg, letters.joint_texts(facts, texts, skill, n, rng)))
+    return phases
+
+
+def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World, work_dir: Path, show_progress: bool):
     from kcollapse.train import finetune  # deferred: pulls in torch
 
-    train_cfg = TrainConfig(method="full", lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1,
-                            chunk_tokens=cfg.n_positions, gradient_checkpointing=False, warmup_ratio=0.05,
-                            lr_scheduler="cosine", weight_decay=0.01)
-    if not show_progress:
-        return finetune(model, tokenizer, texts, train_cfg, seed=cfg.seed, work_dir=work_dir)
-
-    columns = (TextColumn("generation 0 (organism)"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        return finetune(model, tokenizer, texts, train_cfg, seed=cfg.seed, work_dir=work_dir, progress=progress)
+    phases = _phases(cfg, world, texts)
+    for i, (label, train_cfg, phase_texts) in enumerate(phases):
+        seed = cfg.seed + i
+        if not show_progress:
+            model = finetune(model, tokenizer, phase_texts, train_cfg, seed=seed, work_dir=work_dir)
+            continue
+        name = label if len(phases) == 1 else f"generation 0 (organism), {label}"
+        columns = (TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+            model = finetune(model, tokenizer, phase_texts, train_cfg, seed=seed, work_dir=work_dir, progress=progress)
+    return model
 
 
 def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None, *, progress: bool = True) -> Path:
@@ -124,12 +158,12 @@ def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None
     if (final / "organism.json").is_file():  # written last: its presence means the checkpoint is complete
         return final
     texts = [row["text"] for row in read_jsonl(world.corpus_path)]
-    tokenizer = build_tokenizer(world_texts(world), cfg.n_positions)
+    tokenizer = build_tokenizer(world_texts(world, cfg.letter_skill is not None), cfg.n_positions)
     model = build_model(cfg, tokenizer)
     start = time.perf_counter()
     work_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".gen0-work-"))
     try:
-        model = _train(model, tokenizer, texts, cfg, work_dir, progress)
+        model = _train(model, tokenizer, texts, cfg, world, work_dir, progress)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - start

@@ -1,0 +1,138 @@
+"""Letter answers for the organism: the training that lets a 1M-parameter model answer "A", "B", "C" or "D".
+
+A tiny model trained on facts answers short-answer and cloze questions, yet sits at chance in the lettered
+formats (multiple_choice, multiple_choice_few_shot, no_instruction): it must recall the answer, find the option
+that matches it and read that option's letter, an indirection that a few thousand solved letter exercises do not
+teach. Measured on issue 16 (sessions 20-23, one thread each):
+- the selection step forms from an explicit-query *drill* ("Which option is Paris?" over four options, in the
+  letter layouts, plain LM loss): a phase change after ~7k steps in the bare layout, then the other layouts follow;
+- it survives learning the facts only if drill items keep coming: a fixed set of drill texts is memorised and the
+  skill erased, while fresh items every step keep it (0.96 on new drill items after 4k steps of fact learning);
+- on top of it, solved letter exercises on *training* facts (a fresh option order each time) and "bridge" items (a
+  letter layout answered with the option's text: recall inside the layout) carry the skill to held-out facts.
+Held-out facts are never asked in any of these texts: they stay prose-only, as in the default organism, so held-out
+letter accuracy still measures knowledge moved from prose into an answer format.
+
+So when `organism.letter_skill` is set, generation 0 trains in three phases, each an ordinary `finetune` call on
+texts generated fresh (none repeats), one text per row (`train.packing: false`: the drill formed with each item
+starting at position 0 as prompts do, and did not form in 7.5k steps from packed chunks): the bare drill, the drill in
+every letter layout, then the world's corpus mixed with fresh drill items, letter exercises and bridge items
+(`LetterSkill.mix`, shares of texts).
+"""
+
+from __future__ import annotations
+
+import random
+
+from kcollapse.config import LetterSkill
+from kcollapse.evaluate.formats import get_format, render, solved
+from kcollapse.organism.world import QA_FORMATS, RELATIONS
+
+DRILL_QUESTION = "Which option is {x}?"
+BARE_LAYOUT = "no_instruction"  # the layout whose drill forms first (measured); the others follow from it
+
+
+def letter_formats() -> list[str]:
+    """The organism's formats answered with a letter, read from the format registry."""
+    return [name for name in QA_FORMATS if get_format(name).answer == "letter"]
+
+
+def vocabulary_texts() -> list[str]:
+    """Words the drill uses that the world may not: the tokenizer must hold them."""
+    return [DRILL_QUESTION.format(x="A")]
+
+
+def _options(fact: dict, rng: random.Random) -> tuple[list[str], int]:
+    options = rng.sample(fact["distractors"], 3)
+    position = rng.randrange(4)
+    options.insert(position, fact["answer"])
+    return options, position
+
+
+def _drill_item(facts: list[dict], rng: random.Random) -> dict:
+    """Four options drawn from the world's answers; the question names one of them outright."""
+    fact = rng.choice(facts)
+    options, _ = _options(fact, rng)
+    target = rng.randrange(4)
+    return {"subject": fact["domain"], "question": DRILL_QUESTION.format(x=options[target]), "choices": options,
+            "answer": target}
+
+
+def _fact_item(fact: dict, rng: random.Random) -> dict:
+    options, position = _options(fact, rng)
+    question = RELATIONS[fact["relation"]].question.format(e=fact["entity"])
+    return {"subject": fact["domain"], "question": question, "choices": options, "answer": position}
+
+
+def drill_text(facts: list[dict], fmt_name: str, rng: random.Random) -> tuple[str, str]:
+    """(a solved drill item in layout `fmt_name`, its domain)."""
+    fmt = get_format(fmt_name)
+    examples = [_drill_item(facts, rng) for _ in range(rng.choice([1, 2]))] if fmt.example else []
+    item = _drill_item(facts, rng)
+    return solved(fmt, item, examples), item["subject"]
+
+
+def exercise_text(train: dict[str, list[dict]], fmt_name: str, rng: random.Random, *, bridge: bool) -> tuple[str, str]:
+    """(a training fact solved in a letter layout with fresh options, or with `bridge` answered with the option's
+    text; its domain)."""
+    fmt = get_format(fmt_name)
+    fact = rng.choice(rng.choice(list(train.values())))
+    item = _fact_item(fact, rng)
+    examples = []
+    if fmt.example:
+        others = [g for g in train[fact["domain"]] if g is not fact]
+        examples = [_fact_item(g, rng) for g in rng.sample(others, min(len(others), rng.choice([1, 2])))]
+    if bridge:
+        return f"{render(fmt, item, examples)} {item['choices'][item['answer']]}", fact["domain"]
+    return solved(fmt, item, examples), fact["domain"]
+
+
+def drill_texts(facts: list[dict], formats: list[str], n: int, rng: random.Random) -> list[str]:
+    """`n` fresh drill texts, each in a random layout of `formats`."""
+    return [drill_text(facts, rng.choice(formats), rng)[0] for _ in range(n)]
+
+
+def _by_domain(facts: list[dict]) -> dict[str, list[dict]]:
+    train: dict[str, list[dict]] = {}
+    for fact in facts:
+        if fact["split"] == "train":  # held-out facts are never asked
+            train.setdefault(fact["domain"], []).append(fact)
+    return train
+
+
+def _letter_text(kind: str, facts: list[dict], train: dict[str, list[dict]], rng: random.Random) -> tuple[str, str]:
+    fmt_name = rng.choice(letter_formats())
+    if kind == "drill":
+        return drill_text(facts, fmt_name, rng)
+    return exercise_text(train, fmt_name, rng, bridge=kind == "bridge")
+
+
+def joint_texts(facts: list[dict], corpus: list[str], skill: LetterSkill, n: int, rng: random.Random) -> list[str]:
+    """The final phase's `n` texts: each one's kind is drawn by `skill.mix` (corpus texts cycle in shuffled passes; the
+    drill, exercise and bridge texts are new every time). Exercises and bridges use training facts only."""
+    train = _by_domain(facts)
+    kinds, weights = zip(*skill.mix.items())
+    passes: list[str] = []
+    texts = []
+    for _ in range(n):
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "corpus":
+            if not passes:
+                passes.extend(rng.sample(corpus, len(corpus)))
+            texts.append(passes.pop())
+        else:
+            texts.append(_letter_text(kind, facts, train, rng)[0])
+    return texts
+
+
+def real_pool_texts(facts: list[dict], n_corpus: int, skill: LetterSkill, rng: random.Random) -> list[tuple[str, str]]:
+    """(text, domain) of letter texts to add to the loop's real pool beside the `n_corpus` corpus texts, in the joint
+    phase's proportions: the real pool carries what generation 0 trained on, so the alpha 0 control does not drift."""
+    letter_kinds = {k: w for k, w in skill.mix.items() if k != "corpus" and w > 0}
+    corpus_share = skill.mix.get("corpus", 0.0) / sum(skill.mix.values())
+    if not letter_kinds or corpus_share <= 0:
+        return []
+    train = _by_domain(facts)
+    n = round(n_corpus * (1 - corpus_share) / corpus_share)
+    kinds, weights = zip(*letter_kinds.items())
+    return [_letter_text(rng.choices(kinds, weights)[0], facts, train, rng) for _ in range(n)]

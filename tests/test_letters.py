@@ -1,0 +1,171 @@
+"""Letter answers for the organism (organism/letters.py): drill items whose letter names the option the question
+asks for, fresh every time; exercises and bridges on training facts only; generation 0's three phases."""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kcollapse import train as train_module
+from kcollapse.config import LetterSkill, OrganismConfig, load_config
+from kcollapse.errors import UserError
+from kcollapse.io import read_jsonl
+from kcollapse.organism import build_world, ensure_gen0, letters
+from kcollapse.organism.gen0 import build_tokenizer, gen0_key, world_texts
+from kcollapse.organism.world import RELATIONS
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(OrganismConfig(), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def facts(world):
+    return read_jsonl(world.facts_path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return build_tokenizer(world_texts(world, letter_skill=True), 128)
+
+
+def _final_item(text: str) -> tuple[str, str, str]:
+    """(named option, listing of the last item's options, its answer letter) of a solved drill text."""
+    question = list(re.finditer(r"Which option is (.+?)\?\n", text))[-1]
+    listing, answer = text[question.end():].rsplit("\nAnswer: ", 1)
+    letter, named = answer.split(". ", 1)
+    assert named == question.group(1)  # the answer line repeats the named option's text
+    return named, listing, letter
+
+
+@pytest.mark.parametrize("fmt", ["multiple_choice", "multiple_choice_few_shot", "no_instruction"])
+def test_drill_letter_points_at_the_option_the_question_names(facts, fmt):
+    rng = random.Random(0)
+    texts = [letters.drill_text(facts, fmt, rng)[0] for _ in range(400)]
+    gold = Counter()
+    for text in texts:
+        named, listing, letter = _final_item(text)
+        options = dict(re.findall(r"^([A-D])\. (.+)$", listing, re.M) or re.findall(r"\(([A-D])\) (.+?)(?=  \(|$)", listing))
+        assert sorted(options) == list("ABCD") and options[letter] == named, text
+        gold[letter] += 1
+    assert len(set(texts)) >= 0.95 * len(texts)  # fresh items, not a set to memorise (small answer pools repeat)
+    assert min(gold.values()) >= 70  # the named option's position is spread over A-D
+
+
+def test_joint_stream_follows_the_mix_and_never_asks_a_heldout_fact(world, facts, tokenizer):
+    corpus = [row["text"] for row in read_jsonl(world.corpus_path)]
+    skill = LetterSkill(mix={"corpus": 0.5, "drill": 0.2, "exercise": 0.2, "bridge": 0.1})
+    texts = letters.joint_texts(facts, corpus, skill, 3000, random.Random(0))
+    assert len(texts) == 3000
+    questions = {RELATIONS[f["relation"]].question.format(e=f["entity"]): f["split"] for f in facts}
+    in_corpus = set(corpus)
+    kinds = Counter()
+    for text in texts:
+        if text in in_corpus:
+            kinds["corpus"] += 1
+            continue
+        assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text
+        if "Which option is" in text:
+            kinds["drill"] += 1
+            continue
+        asked = [q for q in questions if q in text]
+        assert asked and all(questions[q] == "train" for q in asked), text
+        kinds["exercise" if re.search(r"Answer: [A-D]\. ", text.rsplit("\n", 2)[-1]) else "bridge"] += 1
+    total = sum(kinds.values())
+    for kind, share in skill.mix.items():
+        assert abs(kinds[kind] / total - share) < 0.03, (kind, kinds)
+
+
+def test_generation_0_with_the_letter_skill_trains_its_phases_and_caches_apart(tmp_path, monkeypatch):
+    calls = []
+    real = train_module.finetune
+    monkeypatch.setattr(train_module, "finetune",
+                        lambda model, tok, texts, cfg, **kw: calls.append((cfg.max_steps, cfg.lr, texts)) or real(model, tok, texts, cfg, **kw))
+    tiny = dict(domains=["chemistry"], n_embd=16, n_layer=1, n_head=2, n_positions=32, steps=3, batch_size=2,
+                paragraphs_per_entity=1)
+    skill = LetterSkill(bare_drill_steps=2, drill_steps=3, joint_steps=4, drill_batch_size=2, joint_batch_size=2)
+    cfg = OrganismConfig(**tiny, letter_skill=skill)
+    path = ensure_gen0(cfg, tmp_path, progress=False)
+    assert [(steps, lr) for steps, lr, _ in calls] == [(2, 1e-3), (3, 1e-3), (4, 2e-3)]
+    bare, drill, joint = (texts for _, _, texts in calls)
+    assert [len(bare), len(drill), len(joint)] == [2 * 2, 3 * 2, 4 * 2]  # one text per row, every one new
+    assert all(t.startswith("Which option is") for t in bare)  # the bare layout: the question comes first
+    assert any(t.startswith("The following") for t in drill) and all("Which option is" in t for t in drill)
+    assert any("Which option is" not in t for t in joint) and any("Which option is" in t for t in joint)
+    assert (path / "model.safetensors").is_file()
+
+    plain = OrganismConfig(**tiny)
+    world = build_world(plain, tmp_path)
+    keys = {gen0_key(plain, world), gen0_key(cfg, world),
+            gen0_key(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"joint_lr": 1e-3})}), world)}
+    assert len(keys) == 3 and path.name == f"gen0-{gen0_key(cfg, world)}"
+    calls.clear()
+    ensure_gen0(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"bare_drill_steps": 0})}), tmp_path,
+                progress=False)
+    assert [steps for steps, _, _ in calls] == [3, 4]  # a phase of 0 steps is skipped
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("organism.letter_skill={mix: {prose: 1}}", r"organism\.letter_skill\.mix.*unknown kind"),
+    ("organism.letter_skill={joint_steps: 0}", r"organism\.letter_skill\.joint_steps"),
+])
+def test_bad_letter_skill_settings_name_the_field(override, expected):
+    with pytest.raises(UserError, match=expected):
+        load_config(preset="quick", overrides=[override])
+    assert load_config(preset="quick", overrides=["organism.letter_skill={}"]).organism.letter_skill == LetterSkill()
+
+
+def test_unpacked_training_gives_each_text_its_own_padded_row(tokenizer, monkeypatch):
+    import torch
+
+    from kcollapse.config import TrainConfig
+    from kcollapse.organism.gen0 import build_model
+
+    short, long = "Which option is Fe?", " ".join(["Iron is a metal."] * 20)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (short, long)]
+    assert train_module.rows(tokenizer, [short, long], 32) == [ids[0] + [tokenizer.eos_token_id],
+                                                              (ids[1] + [tokenizer.eos_token_id])[-32:]]
+    batches = []
+    real = train_module._collate
+    monkeypatch.setattr(train_module, "_collate", lambda rows: batches.append(real(rows)) or batches[-1])
+    model = build_model(OrganismConfig(n_embd=16, n_layer=1, n_head=2, n_positions=32), tokenizer)
+    before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    cfg = TrainConfig(method="full", lr=1e-2, max_steps=3, batch_size=4, grad_accum=1, chunk_tokens=32,
+                      gradient_checkpointing=False, packing=False)
+    texts = [short, long] * 6
+    train_module.finetune(model, tokenizer, texts, cfg, seed=0, work_dir=Path(tempfile.mkdtemp()))
+    assert len(batches) == 3 and not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
+    for batch in batches:  # rows of different lengths: padding is masked and never a target
+        mask = batch["attention_mask"]
+        assert (mask == 0).any() and (batch["labels"][mask == 0] == -100).all()
+        assert (batch["input_ids"][:, 0] == ids[0][0]).sum() + (batch["input_ids"][:, 0] == ids[1][-31]).sum() == 4
+
+
+def test_a_letter_skilled_organism_carries_its_letter_texts_into_the_real_pool(tmp_path):
+    """The alpha 0 control rehearses what generation 0 trained on: with the letter skill, the corpus and letter texts
+    in the joint phase's proportions (loop.prepare, the real producer of the pool's texts, on a tiny world)."""
+    from kcollapse import loop
+
+    tiny = ["organism.domains=[geography, chemistry]", "organism.relations=[capital, symbol]", "organism.n_embd=16",
+            "organism.n_layer=1", "organism.n_head=2", "organism.n_positions=32", "organism.steps=2",
+            "organism.paragraphs_per_entity=1", f"cache_dir={tmp_path}"]
+    skill = "organism.letter_skill={bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
+    _, texts, _, _ = loop.prepare(load_config(preset="default", overrides=[*tiny, skill]))
+    _, plain, _, _ = loop.prepare(load_config(preset="default", overrides=tiny))
+    corpus = {t.text for t in plain}
+    added = [t for t in texts if t.text not in corpus]
+    assert [t.text for t in texts if t.text in corpus] == [t.text for t in plain]
+    mix = LetterSkill().mix
+    assert abs(len(added) - len(plain) * (1 - mix["corpus"]) / mix["corpus"]) <= 1
+    drills = [t for t in added if "Which option is" in t.text]
+    assert abs(len(drills) / len(added) - mix["drill"] / (1 - mix["corpus"])) < 0.08
+    facts = read_jsonl(build_world(load_config(preset="default", overrides=tiny).organism, tmp_path).facts_path)
+    heldout = {RELATIONS[f["relation"]].question.format(e=f["entity"]) for f in facts if f["split"] == "heldout"}
+    for t in added:
+        assert t.domain in {"geography", "chemistry"} and not any(q in t.text for q in heldout), t

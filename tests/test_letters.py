@@ -169,3 +169,50 @@ def test_a_letter_skilled_organism_carries_its_letter_texts_into_the_real_pool(t
     heldout = {RELATIONS[f["relation"]].question.format(e=f["entity"]) for f in facts if f["split"] == "heldout"}
     for t in added:
         assert t.domain in {"geography", "chemistry"} and not any(q in t.text for q in heldout), t
+
+
+def test_the_letters_preset_is_the_default_experiment_plus_the_letter_skill():
+    from kcollapse.config import differing_fields
+
+    default = load_config(preset="default").model_dump(mode="json")
+    letters_preset = load_config(preset="letters")
+    assert letters_preset.organism.letter_skill == LetterSkill()
+    changed = differing_fields(default, letters_preset.model_dump(mode="json"))
+    assert changed and all(field.startswith("organism.letter_skill.") for field in changed)
+
+
+def _cached_letters_gen0():
+    """The default cache's generation 0 of `--preset letters`, or None (it takes ~45 min to train; not done in CI)."""
+    from types import SimpleNamespace
+
+    from kcollapse.organism import default_cache_dir
+    from kcollapse.organism.world import world_key
+
+    cfg = load_config(preset="letters")
+    path = default_cache_dir() / f"gen0-{gen0_key(cfg.organism, SimpleNamespace(key=world_key(cfg.organism)))}"
+    return (cfg, path) if (path / "organism.json").is_file() else (cfg, None)
+
+
+@pytest.mark.skipif(_cached_letters_gen0()[1] is None,
+                    reason="no cached letter-skilled generation 0: `kcollapse run --preset letters` trains it (~45 min)")
+def test_the_cached_letter_skilled_generation_0_answers_held_out_facts_in_all_five_formats():
+    """Issue 16's numbers, on held-out facts (stated in prose only): >= 0.60 in each letter format (chance 0.25),
+    short answer >= 0.85, cloze >= 0.90."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kcollapse.evaluate import evaluate, load_benchmark
+    from kcollapse.organism import default_cache_dir
+
+    cfg, path = _cached_letters_gen0()
+    world = build_world(cfg.organism, default_cache_dir())
+    eval_cfg = cfg.eval.model_copy(update={"split": "heldout", "free_text": False})
+    items = load_benchmark(eval_cfg, world.benchmark_path)
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        rows = evaluate(model, tok, eval_cfg, items, use_chat_template=False)
+    accuracy = {r["format"]: r["value"] for r in rows if r["metric"] == "accuracy" and r["subject"] is None}
+    assert sum(i.get("split") == "heldout" for i in items) >= 250
+    for fmt in letters.letter_formats():
+        assert accuracy[fmt] >= 0.60, accuracy
+    assert accuracy["short_answer"] >= 0.85 and accuracy["cloze"] >= 0.90, accuracy

@@ -96,7 +96,7 @@ def run(
     config: Optional[Path] = typer.Argument(None, help="Experiment YAML. Omitted: the built-in model-organism experiment."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<config name>)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field: key.path=value (repeatable)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Built-in recipe instead of CONFIG: default, quick, collapse."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Built-in recipe instead of CONFIG: default, quick, collapse, paper, gemma3-270m, letters."),
 ):
     """Run the recursive synthetic-training loop; re-running on the same RUN_DIR resumes it."""
     from kcollapse.loop import run_experiment  # deferred, as in every command: torch, transformers

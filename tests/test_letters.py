@@ -216,3 +216,34 @@ def test_the_cached_letter_skilled_generation_0_answers_held_out_facts_in_all_fi
     for fmt in letters.letter_formats():
         assert accuracy[fmt] >= 0.60, accuracy
     assert accuracy["short_answer"] >= 0.85 and accuracy["cloze"] >= 0.90, accuracy
+
+
+def test_a_killed_letter_skill_generation_0_resumes_after_its_last_finished_phase(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    tiny = dict(domains=["chemistry"], n_embd=16, n_layer=1, n_head=2, n_positions=32, paragraphs_per_entity=1)
+    cfg = OrganismConfig(**tiny, letter_skill=LetterSkill(bare_drill_steps=2, drill_steps=2, joint_steps=3,
+                                                          drill_batch_size=2, joint_batch_size=2))
+    clean = ensure_gen0(cfg, tmp_path / "clean", progress=False)
+
+    calls = []
+    real = train_module.finetune
+
+    def killed_in_the_joint_phase(model, tok, texts, train_cfg, **kw):
+        calls.append(train_cfg.max_steps)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, tok, texts, train_cfg, **kw)
+
+    monkeypatch.setattr(train_module, "finetune", killed_in_the_joint_phase)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_gen0(cfg, tmp_path / "killed", progress=False)
+    assert calls == [2, 2, 3] and len(list((tmp_path / "killed").glob(".gen0-*-phases/phase-*"))) == 2
+    calls.clear()
+    monkeypatch.setattr(train_module, "finetune", lambda *a, **kw: calls.append(a[3].max_steps) or real(*a, **kw))
+    resumed = ensure_gen0(cfg, tmp_path / "killed", progress=False)
+    assert calls == [3]  # only the unfinished phase trains again
+    assert not list((tmp_path / "killed").glob(".gen0-*-phases"))  # phase checkpoints go once the model is cached
+    a, b = load_file(clean / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same model as an unbroken run

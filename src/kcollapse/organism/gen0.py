@@ -131,19 +131,32 @@ def _phases(cfg: OrganismConfig, world: World, texts: list[str]):
     return phases
 
 
-def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World, work_dir: Path, show_progress: bool):
+def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World, work_dir: Path, phase_dir: Path,
+           show_progress: bool):
+    """Train through the phases; each phase but the last is saved under `phase_dir`, so a killed run resumes after
+    the last finished phase (the letter skill's drill alone is ~40 min)."""
+    from transformers import AutoModelForCausalLM  # deferred: transformers is slow to import
+
+    from kcollapse.models import save_model  # deferred: pulls in torch
     from kcollapse.train import finetune  # deferred: pulls in torch
 
     phases = _phases(cfg, world, texts)
     for i, (label, train_cfg, phase_texts) in enumerate(phases):
+        saved = phase_dir / f"phase-{i}"
+        if i < len(phases) - 1 and saved.is_dir():  # save_model renames a finished checkpoint into place
+            model = AutoModelForCausalLM.from_pretrained(saved, use_safetensors=True)
+            continue
         seed = cfg.seed + i
         if not show_progress:
             model = finetune(model, tokenizer, phase_texts, train_cfg, seed=seed, work_dir=work_dir)
-            continue
-        name = label if len(phases) == 1 else f"generation 0 (organism), {label}"
-        columns = (TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-            model = finetune(model, tokenizer, phase_texts, train_cfg, seed=seed, work_dir=work_dir, progress=progress)
+        else:
+            name = label if len(phases) == 1 else f"generation 0 (organism), {label}"
+            columns = (TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+                model = finetune(model, tokenizer, phase_texts, train_cfg, seed=seed, work_dir=work_dir,
+                                 progress=progress)
+        if i < len(phases) - 1:
+            save_model(model, tokenizer, saved)
     return model
 
 
@@ -162,8 +175,9 @@ def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None
     model = build_model(cfg, tokenizer)
     start = time.perf_counter()
     work_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".gen0-work-"))
+    phase_dir = cache_dir / f".gen0-{key}-phases"
     try:
-        model = _train(model, tokenizer, texts, cfg, world, work_dir, progress)
+        model = _train(model, tokenizer, texts, cfg, world, work_dir, phase_dir, progress)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -172,4 +186,5 @@ def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None
         "key": key, "version": GEN0_VERSION, "world": world.key, "world_path": str(world.path),
         "organism": cfg.model_dump(mode="json"), "vocab": len(tokenizer), "parameters": model.num_parameters(),
         "train_seconds": round(seconds, 1), "sources": world.sources, "n_facts": world.n_facts})
+    shutil.rmtree(phase_dir, ignore_errors=True)
     return final

@@ -21,15 +21,17 @@ from kcollapse.config import TrainConfig
 from kcollapse.models import bos_prefix
 
 
-def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
-    """Texts joined with EOS (each opened with BOS when the tokenizer adds one, as in pre-training), cut into chunks
-    of `chunk_tokens`; a short tail is dropped unless it is all there is."""
+def _framed(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's ids opened with BOS when the tokenizer adds one (as in pre-training) and closed with EOS."""
     eos, bos = tokenizer.eos_token_id, bos_prefix(tokenizer)
-    stream: list[int] = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        stream.extend(bos + ids)
-        if eos is not None:
-            stream.append(eos)
+    tail = [eos] if eos is not None else []
+    return [bos + ids + tail for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
+    """Texts joined (framed by `_framed`) and cut into chunks of `chunk_tokens`; a short tail is dropped unless it is
+    all there is."""
+    stream = [i for ids in _framed(tokenizer, texts) for i in ids]
     chunks = [stream[i : i + chunk_tokens] for i in range(0, len(stream), chunk_tokens)]
     if len(chunks) > 1 and len(chunks[-1]) < chunk_tokens:
         chunks.pop()
@@ -37,14 +39,9 @@ def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
 
 
 def rows(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
-    """One text per row (BOS + text + EOS, its last `chunk_tokens` kept): no text attends to another and each starts
-    at position 0, as a prompt does at evaluation."""
-    eos, bos = tokenizer.eos_token_id, bos_prefix(tokenizer)
-    out = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        row = bos + ids + ([eos] if eos is not None else [])
-        out.append(row[-chunk_tokens:])
-    return [r for r in out if len(r) > 1]
+    """One framed text per row, its last `chunk_tokens` kept: no text attends to another and each starts at position
+    0, as a prompt does at evaluation."""
+    return [r for r in (ids[-chunk_tokens:] for ids in _framed(tokenizer, texts)) if len(r) > 1]
 
 
 class _Chunks(torch.utils.data.Dataset):

@@ -47,6 +47,7 @@ def _final_item(text: str) -> tuple[str, str, str]:
 @pytest.mark.parametrize("fmt", ["multiple_choice", "multiple_choice_few_shot", "no_instruction"])
 def test_drill_letter_points_at_the_option_the_question_names(facts, fmt):
     rng = random.Random(0)
+    facts = letters._facts(facts)  # the Facts the world draws options from
     texts = [letters.drill_text(facts, fmt, rng)[0] for _ in range(400)]
     gold = Counter()
     for text in texts:

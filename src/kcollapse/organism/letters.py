@@ -26,7 +26,8 @@ import random
 
 from kcollapse.config import LetterSkill
 from kcollapse.evaluate.formats import get_format, render, solved
-from kcollapse.organism.world import QA_FORMATS, RELATIONS
+from kcollapse.organism.facts import Fact
+from kcollapse.organism.world import QA_FORMATS, _choices, _item
 
 DRILL_QUESTION = "Which option is {x}?"
 BARE_LAYOUT = "no_instruction"  # the layout whose drill forms first (measured); the others follow from it
@@ -42,29 +43,21 @@ def vocabulary_texts() -> list[str]:
     return [DRILL_QUESTION.format(x="A")]
 
 
-def _options(fact: dict, rng: random.Random) -> tuple[list[str], int]:
-    options = rng.sample(fact["distractors"], 3)
-    position = rng.randrange(4)
-    options.insert(position, fact["answer"])
-    return options, position
+def _facts(rows: list[dict]) -> list[Fact]:
+    """facts.jsonl rows as the world's Facts, so options are drawn exactly as the world draws them."""
+    return [Fact(r["domain"], r["relation"], r["entity"], r["answer"], tuple(r["distractors"])) for r in rows]
 
 
-def _drill_item(facts: list[dict], rng: random.Random) -> dict:
+def _drill_item(facts: list[Fact], rng: random.Random) -> dict:
     """Four options drawn from the world's answers; the question names one of them outright."""
     fact = rng.choice(facts)
-    options, _ = _options(fact, rng)
+    options, _ = _choices(fact, rng)
     target = rng.randrange(4)
-    return {"subject": fact["domain"], "question": DRILL_QUESTION.format(x=options[target]), "choices": options,
+    return {"subject": fact.domain, "question": DRILL_QUESTION.format(x=options[target]), "choices": options,
             "answer": target}
 
 
-def _fact_item(fact: dict, rng: random.Random) -> dict:
-    options, position = _options(fact, rng)
-    question = RELATIONS[fact["relation"]].question.format(e=fact["entity"])
-    return {"subject": fact["domain"], "question": question, "choices": options, "answer": position}
-
-
-def drill_text(facts: list[dict], fmt_name: str, rng: random.Random) -> tuple[str, str]:
+def drill_text(facts: list[Fact], fmt_name: str, rng: random.Random) -> tuple[str, str]:
     """(a solved drill item in layout `fmt_name`, its domain)."""
     fmt = get_format(fmt_name)
     examples = [_drill_item(facts, rng) for _ in range(rng.choice([1, 2]))] if fmt.example else []
@@ -72,35 +65,36 @@ def drill_text(facts: list[dict], fmt_name: str, rng: random.Random) -> tuple[st
     return solved(fmt, item, examples), item["subject"]
 
 
-def exercise_text(train: dict[str, list[dict]], fmt_name: str, rng: random.Random, *, bridge: bool) -> tuple[str, str]:
+def exercise_text(train: dict[str, list[Fact]], fmt_name: str, rng: random.Random, *, bridge: bool) -> tuple[str, str]:
     """(a training fact solved in a letter layout with fresh options, or with `bridge` answered with the option's
     text; its domain)."""
     fmt = get_format(fmt_name)
     fact = rng.choice(rng.choice(list(train.values())))
-    item = _fact_item(fact, rng)
+    item = _item(fact, *_choices(fact, rng))
     examples = []
     if fmt.example:
-        others = [g for g in train[fact["domain"]] if g is not fact]
-        examples = [_fact_item(g, rng) for g in rng.sample(others, min(len(others), rng.choice([1, 2])))]
+        others = [g for g in train[fact.domain] if g is not fact]
+        examples = [_item(g, *_choices(g, rng)) for g in rng.sample(others, min(len(others), rng.choice([1, 2])))]
     if bridge:
-        return f"{render(fmt, item, examples)} {item['choices'][item['answer']]}", fact["domain"]
-    return solved(fmt, item, examples), fact["domain"]
+        return f"{render(fmt, item, examples)} {item['choices'][item['answer']]}", fact.domain
+    return solved(fmt, item, examples), fact.domain
 
 
 def drill_texts(facts: list[dict], formats: list[str], n: int, rng: random.Random) -> list[str]:
     """`n` fresh drill texts, each in a random layout of `formats`."""
+    facts = _facts(facts)
     return [drill_text(facts, rng.choice(formats), rng)[0] for _ in range(n)]
 
 
-def _by_domain(facts: list[dict]) -> dict[str, list[dict]]:
-    train: dict[str, list[dict]] = {}
-    for fact in facts:
-        if fact["split"] == "train":  # held-out facts are never asked
-            train.setdefault(fact["domain"], []).append(fact)
+def _by_domain(rows: list[dict]) -> dict[str, list[Fact]]:
+    train: dict[str, list[Fact]] = {}
+    for row, fact in zip(rows, _facts(rows)):
+        if row["split"] == "train":  # held-out facts are never asked
+            train.setdefault(fact.domain, []).append(fact)
     return train
 
 
-def _letter_text(kind: str, facts: list[dict], train: dict[str, list[dict]], rng: random.Random) -> tuple[str, str]:
+def _letter_text(kind: str, facts: list[Fact], train: dict[str, list[Fact]], rng: random.Random) -> tuple[str, str]:
     fmt_name = rng.choice(letter_formats())
     if kind == "drill":
         return drill_text(facts, fmt_name, rng)
@@ -110,7 +104,7 @@ def _letter_text(kind: str, facts: list[dict], train: dict[str, list[dict]], rng
 def joint_texts(facts: list[dict], corpus: list[str], skill: LetterSkill, n: int, rng: random.Random) -> list[str]:
     """The final phase's `n` texts: each one's kind is drawn by `skill.mix` (corpus texts cycle in shuffled passes; the
     drill, exercise and bridge texts are new every time). Exercises and bridges use training facts only."""
-    train = _by_domain(facts)
+    train, facts = _by_domain(facts), _facts(facts)
     kinds, weights = zip(*skill.mix.items())
     passes: list[str] = []
     texts = []
@@ -132,7 +126,7 @@ def real_pool_texts(facts: list[dict], n_corpus: int, skill: LetterSkill, rng: r
     corpus_share = skill.mix.get("corpus", 0.0) / sum(skill.mix.values())
     if not letter_kinds or corpus_share <= 0:
         return []
-    train = _by_domain(facts)
+    train, facts = _by_domain(facts), _facts(facts)
     n = round(n_corpus * (1 - corpus_share) / corpus_share)
     kinds, weights = zip(*letter_kinds.items())
     return [_letter_text(rng.choices(kinds, weights)[0], facts, train, rng) for _ in range(n)]

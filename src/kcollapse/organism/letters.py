@@ -27,7 +27,7 @@ import random
 from kcollapse.config import LetterSkill
 from kcollapse.evaluate.formats import get_format, render, solved
 from kcollapse.organism.facts import Fact
-from kcollapse.organism.world import QA_FORMATS, _choices, _item
+from kcollapse.organism.world import QA_FORMATS, draw_choices, question_item
 
 DRILL_QUESTION = "Which option is {x}?"
 BARE_LAYOUT = "no_instruction"  # the layout whose drill forms first (measured); the others follow from it
@@ -51,7 +51,7 @@ def _facts(rows: list[dict]) -> list[Fact]:
 def _drill_item(facts: list[Fact], rng: random.Random) -> dict:
     """Four options drawn from the world's answers; the question names one of them outright."""
     fact = rng.choice(facts)
-    options, _ = _choices(fact, rng)
+    options, _ = draw_choices(fact, rng)
     target = rng.randrange(4)
     return {"subject": fact.domain, "question": DRILL_QUESTION.format(x=options[target]), "choices": options,
             "answer": target}
@@ -70,11 +70,11 @@ def exercise_text(train: dict[str, list[Fact]], fmt_name: str, rng: random.Rando
     text; its domain)."""
     fmt = get_format(fmt_name)
     fact = rng.choice(rng.choice(list(train.values())))
-    item = _item(fact, *_choices(fact, rng))
+    item = question_item(fact, *draw_choices(fact, rng))
     examples = []
     if fmt.example:
         others = [g for g in train[fact.domain] if g is not fact]
-        examples = [_item(g, *_choices(g, rng)) for g in rng.sample(others, min(len(others), rng.choice([1, 2])))]
+        examples = [question_item(g, *draw_choices(g, rng)) for g in rng.sample(others, min(len(others), rng.choice([1, 2])))]
     if bridge:
         return f"{render(fmt, item, examples)} {item['choices'][item['answer']]}", fact.domain
     return solved(fmt, item, examples), fact.domain

@@ -95,14 +95,14 @@ def world_key(cfg: OrganismConfig) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _choices(fact: Fact, rng: random.Random, position: int | None = None) -> tuple[list[str], int]:
+def draw_choices(fact: Fact, rng: random.Random, position: int | None = None) -> tuple[list[str], int]:
     options = rng.sample(fact.distractors, 3)
     position = rng.randrange(4) if position is None else position
     options.insert(position, fact.answer)
     return options, position
 
 
-def _item(fact: Fact, choices: list[str], answer: int) -> dict:
+def question_item(fact: Fact, choices: list[str], answer: int) -> dict:
     rel = RELATIONS[fact.relation]
     return {"id": fact.id, "subject": fact.domain, "question": rel.question.format(e=fact.entity), "choices": choices,
             "answer": answer, "statement": rel.statement.format(e=fact.entity)}
@@ -153,8 +153,8 @@ def _exercises(train: list[Fact], shares: dict[str, float], rng: random.Random) 
             if fmt.example:
                 others = [g for g in by_domain[f.domain] if g.id != f.id]
                 for g in rng.sample(others, min(len(others), rng.choice([1, 2]))):
-                    examples.append(_item(g, *_choices(g, rng)))
-            text = solved(fmt, _item(f, *_choices(f, rng)), examples)
+                    examples.append(question_item(g, *draw_choices(g, rng)))
+            text = solved(fmt, question_item(f, *draw_choices(f, rng)), examples)
             rows.append({"text": text, "domain": f.domain, "kind": "qa"})
     return rows
 
@@ -164,8 +164,8 @@ def _benchmark(facts: list[Fact], heldout: set[str], rng: random.Random) -> list
     rng.shuffle(positions)
     rows = []
     for f, pos in zip(facts, positions):
-        choices, answer = _choices(f, rng, pos)
-        item = _item(f, choices, answer)
+        choices, answer = draw_choices(f, rng, pos)
+        item = question_item(f, choices, answer)
         rows.append({**item, "split": "heldout" if f.id in heldout else "train"})
     return rows
 

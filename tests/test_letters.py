@@ -87,14 +87,20 @@ def test_generation_0_with_the_letter_skill_trains_its_phases_and_caches_apart(t
     calls = []
     real = train_module.finetune
     monkeypatch.setattr(train_module, "finetune",
-                        lambda model, tok, texts, cfg, **kw: calls.append((cfg.max_steps, cfg.lr, texts)) or real(model, tok, texts, cfg, **kw))
+                        lambda model, tok, texts, cfg, **kw: calls.append((cfg.max_steps, cfg.lr, texts)) or
+                        checked.append("stop_when" in kw) or real(model, tok, texts, cfg, **kw))
+    checked = []
     tiny = dict(domains=["chemistry"], n_embd=16, n_layer=1, n_head=2, n_positions=32, steps=3, batch_size=2,
                 paragraphs_per_entity=1)
-    skill = LetterSkill(bare_drill_steps=2, drill_steps=3, joint_steps=4, drill_batch_size=2, joint_batch_size=2)
+    skill = LetterSkill(bare_drill_steps=2, drill_steps=3, joint_steps=4, drill_batch_size=2, joint_batch_size=2,
+                        facts_first=True, drill_target=0.9)
     cfg = OrganismConfig(**tiny, letter_skill=skill)
     path = ensure_gen0(cfg, tmp_path, progress=False)
-    assert [(steps, lr) for steps, lr, _ in calls] == [(2, 1e-3), (3, 1e-3), (4, 2e-3)]
-    bare, drill, joint = (texts for _, _, texts in calls)
+    assert [(steps, lr) for steps, lr, _ in calls] == [(3, 4e-3), (2, 1e-3), (3, 1e-3), (4, 2e-3)]
+    prose, bare, drill, joint = (texts for _, _, texts in calls)
+    assert checked == [False, True, True, False]  # the drill phases end once the drill is mastered
+    world = build_world(cfg, tmp_path)
+    assert prose == [r["text"] for r in read_jsonl(world.corpus_path)]  # the facts first, as the standard organism
     assert [len(bare), len(drill), len(joint)] == [2 * 2, 3 * 2, 4 * 2]  # one text per row, every one new
     assert all(t.startswith("Which option is") for t in bare)  # the bare layout: the question comes first
     assert any(t.startswith("The following") for t in drill) and all("Which option is" in t for t in drill)
@@ -102,14 +108,20 @@ def test_generation_0_with_the_letter_skill_trains_its_phases_and_caches_apart(t
     assert (path / "model.safetensors").is_file()
 
     plain = OrganismConfig(**tiny)
-    world = build_world(plain, tmp_path)
     keys = {gen0_key(plain, world), gen0_key(cfg, world),
             gen0_key(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"joint_lr": 1e-3})}), world)}
     assert len(keys) == 3 and path.name == f"gen0-{gen0_key(cfg, world)}"
+    pool_only = cfg.model_copy(update={"letter_skill": skill.model_copy(update={"pool_share": 0.1})})
+    assert gen0_key(pool_only, world) == gen0_key(cfg, world)  # the loop's pool share does not change generation 0
     calls.clear()
     ensure_gen0(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"bare_drill_steps": 0})}), tmp_path,
                 progress=False)
-    assert [steps for steps, _, _ in calls] == [3, 4]  # a phase of 0 steps is skipped
+    assert [steps for steps, _, _ in calls] == [3, 3, 4]  # a phase of 0 steps is skipped
+    calls.clear(), checked.clear()
+    ensure_gen0(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"facts_first": False,
+                                                                                "drill_target": None})}),
+                tmp_path, progress=False)
+    assert [steps for steps, _, _ in calls] == [2, 3, 4] and checked == [False] * 3  # the defaults: drill, every step
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -122,30 +134,76 @@ def test_bad_letter_skill_settings_name_the_field(override, expected):
     assert load_config(preset="quick", overrides=["organism.letter_skill={}"]).organism.letter_skill == LetterSkill()
 
 
-def test_unpacked_training_gives_each_text_its_own_padded_row(tokenizer, monkeypatch):
+def test_unpacked_training_trains_each_text_alone_flattened_exactly_as_padded_rows(tokenizer, monkeypatch):
     import torch
 
+    from kcollapse import lmloss
     from kcollapse.config import TrainConfig
     from kcollapse.organism.gen0 import build_model
 
     short, long = "Which option is Fe?", " ".join(["Iron is a metal."] * 20)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (short, long)]
-    assert train_module.rows(tokenizer, [short, long], 32) == [ids[0] + [tokenizer.eos_token_id],
-                                                              (ids[1] + [tokenizer.eos_token_id])[-32:]]
+    rows = train_module.rows(tokenizer, [short, long], 32)
+    assert rows == [ids[0] + [tokenizer.eos_token_id], (ids[1] + [tokenizer.eos_token_id])[-32:]]
     batches = []
-    real = train_module._collate
-    monkeypatch.setattr(train_module, "_collate", lambda rows: batches.append(real(rows)) or batches[-1])
+    real = train_module._flatten
+    monkeypatch.setattr(train_module, "_flatten", lambda rows: batches.append(real(rows)) or batches[-1])
     model = build_model(OrganismConfig(n_embd=16, n_layer=1, n_head=2, n_positions=32), tokenizer)
     before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     cfg = TrainConfig(method="full", lr=1e-2, max_steps=3, batch_size=4, grad_accum=1, chunk_tokens=32,
                       gradient_checkpointing=False, packing=False)
-    texts = [short, long] * 6
-    train_module.finetune(model, tokenizer, texts, cfg, seed=0, work_dir=Path(tempfile.mkdtemp()))
+    train_module.finetune(model, tokenizer, [short, long] * 6, cfg, seed=0, work_dir=Path(tempfile.mkdtemp()))
     assert len(batches) == 3 and not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
-    for batch in batches:  # rows of different lengths: padding is masked and never a target
-        mask = batch["attention_mask"]
-        assert (mask == 0).any() and (batch["labels"][mask == 0] == -100).all()
-        assert (batch["input_ids"][:, 0] == ids[0][0]).sum() + (batch["input_ids"][:, 0] == ids[1][-31]).sum() == 4
+    for batch in batches:  # one sequence of 4 texts, positions restarting at 0, no text's first token a target
+        starts = (batch["position_ids"][0] == 0).nonzero()[:, 0]
+        lengths = torch.diff(torch.cat([starts, torch.tensor([batch["input_ids"].shape[1]])])).tolist()
+        assert batch["input_ids"].shape[0] == 1 and len(starts) == 4 and set(lengths) <= {len(rows[0]), len(rows[1])}
+        assert (batch["labels"][0, starts] == -100).all() and (batch["labels"] != -100).sum() == batch["input_ids"].numel() - 4
+
+    # the same loss and gradients as the four texts padded into rows (the model's own loss) through the chunked loss
+    # that finetune uses for this model: no text sees another
+    model.config.use_cache = False
+    chunks = train_module._Chunks([rows[0], rows[1], rows[1], rows[0]])
+    padded, flat = train_module._collate(list(chunks)), real(list(chunks))
+    model.zero_grad()
+    expected = model(**padded).loss
+    expected.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = lmloss.causal_lm_loss(model, flat["input_ids"], flat["labels"], position_ids=flat["position_ids"])
+    got.backward()
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))
+
+
+def test_a_drill_phase_ends_once_fresh_drill_items_are_answered_as_well_as_the_target(tokenizer, facts):
+    import torch
+
+    from kcollapse.config import TrainConfig
+    from kcollapse.organism.gen0 import build_model
+
+    model = build_model(OrganismConfig(n_embd=16, n_layer=1, n_head=2, n_positions=128), tokenizer)
+    anything, perfect = (letters.drill_check(tokenizer, facts, letters.letter_formats(), t, n=40) for t in (0.0, 1.0))
+    assert anything(model) and not perfect(model) and model.training  # an untrained model is not perfect
+    letter_ids = tokenizer.convert_tokens_to_ids(list("ABCD"))
+    with torch.no_grad():  # a head that always says "B": right on about a quarter of the fresh items, so the check
+        model.lm_head.weight[letter_ids[1]] = 0  # at 0.5 fails and at 0.1 passes
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight[:, 0] = -1.0
+        model.lm_head.weight[letter_ids[1], 0] = 5.0
+    assert letters.drill_check(tokenizer, facts, ["no_instruction"], 0.1, n=200)(model)
+    assert not letters.drill_check(tokenizer, facts, ["no_instruction"], 0.5, n=200)(model)
+
+    steps, calls = [], []
+    cfg = TrainConfig(method="full", lr=1e-3, max_steps=12, batch_size=2, grad_accum=1, chunk_tokens=64,
+                      gradient_checkpointing=False, packing=False)
+    texts = letters.drill_texts(facts, ["no_instruction"], 24, random.Random(0))
+    model = build_model(OrganismConfig(n_embd=16, n_layer=1, n_head=2, n_positions=128), tokenizer)
+    train_module.finetune(model, tokenizer, texts, cfg, seed=0, work_dir=Path(tempfile.mkdtemp()),
+                          stop_when=lambda m: calls.append(m.training) or len(calls) == 2, check_every=3)
+    assert calls == [True, True]  # asked at steps 3 and 6, in train mode; true the second time: stopped at 6 of 12
 
 
 def test_a_letter_skilled_organism_carries_its_letter_texts_into_the_real_pool(tmp_path):
@@ -170,6 +228,32 @@ def test_a_letter_skilled_organism_carries_its_letter_texts_into_the_real_pool(t
     heldout = {RELATIONS[f["relation"]].question.format(e=f["entity"]) for f in facts if f["split"] == "heldout"}
     for t in added:
         assert t.domain in {"geography", "chemistry"} and not any(q in t.text for q in heldout), t
+    _, fewer, _, _ = loop.prepare(load_config(preset="default", overrides=[*tiny, skill[:-1] + ", pool_share: 0.1}"]))
+    assert abs((len(fewer) - len(plain)) - len(plain) * 0.1 / 0.9) <= 1  # pool_share sets the letter texts' share
+
+
+def test_the_pool_keeps_each_letter_text_whole_and_out_of_the_perplexity_texts(tmp_path):
+    """A letter text cut into 64-token blocks would train a few-shot question without its answer and the answer
+    without its question (the control's letter formats drifted so): loop.setup, the real producer of the pools,
+    gives each letter text one block, however long, and holds out only prose for perplexity."""
+    from kcollapse import loop
+
+    tiny = ["organism.domains=[geography, chemistry]", "organism.relations=[capital, symbol]", "organism.n_embd=16",
+            "organism.n_layer=1", "organism.n_head=2", "organism.n_positions=32", "organism.steps=2",
+            "organism.paragraphs_per_entity=1", f"cache_dir={tmp_path}", "block_tokens=16", "corpus.heldout_share=0.2"]
+    skill = "organism.letter_skill={bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
+    cfg = load_config(preset="default", overrides=[*tiny, skill])
+    _, texts, _, _ = loop.prepare(cfg)
+    s = loop.setup(cfg)
+    letter_texts = [t.text for t in texts if t.whole]
+    assert letter_texts and s.heldout and not set(s.heldout) & set(letter_texts)
+    pool = {tuple(b.ids) for b in s.pools["alpha_0"]}
+    ids = s.tokenizer(letter_texts, add_special_tokens=False)["input_ids"]
+    assert max(len(i) for i in ids) > 16  # some are longer than a block, and still one block
+    assert all(tuple(i) in pool for i in ids)
+    prose = [t for t in texts if not t.whole]
+    assert len(s.pools["alpha_0"]) > len(letter_texts) and any(len(b.ids) == 16 for b in s.pools["alpha_0"])
+    assert len(s.heldout) == int(len(prose) * 0.2)
 
 
 def test_the_letters_preset_is_the_default_experiment_plus_the_letter_skill():
@@ -183,7 +267,7 @@ def test_the_letters_preset_is_the_default_experiment_plus_the_letter_skill():
 
 
 def _cached_letters_gen0():
-    """The default cache's generation 0 of `--preset letters`, or None (it takes ~45 min to train; not done in CI)."""
+    """The default cache's generation 0 of `--preset letters`, or None (it takes ~45-70 min to train; not in CI)."""
     from types import SimpleNamespace
 
     from kcollapse.organism import default_cache_dir
@@ -195,7 +279,7 @@ def _cached_letters_gen0():
 
 
 @pytest.mark.skipif(_cached_letters_gen0()[1] is None,
-                    reason="no cached letter-skilled generation 0: `kcollapse run --preset letters` trains it (~45 min)")
+                    reason="no cached letter-skilled generation 0: `kcollapse run --preset letters` trains it (~45-70 min)")
 def test_the_cached_letter_skilled_generation_0_answers_held_out_facts_in_all_five_formats():
     """Issue 16's numbers, on held-out facts (stated in prose only): >= 0.60 in each letter format (chance 0.25),
     short answer >= 0.85, cloze >= 0.90."""
@@ -223,7 +307,7 @@ def test_a_killed_letter_skill_generation_0_resumes_after_its_last_finished_phas
     import torch
     from safetensors.torch import load_file
 
-    tiny = dict(domains=["chemistry"], n_embd=16, n_layer=1, n_head=2, n_positions=32, paragraphs_per_entity=1)
+    tiny = dict(domains=["chemistry"], n_embd=16, n_layer=1, n_head=2, n_positions=32, paragraphs_per_entity=1, steps=2)
     cfg = OrganismConfig(**tiny, letter_skill=LetterSkill(bare_drill_steps=2, drill_steps=2, joint_steps=3,
                                                           drill_batch_size=2, joint_batch_size=2))
     clean = ensure_gen0(cfg, tmp_path / "clean", progress=False)

@@ -211,11 +211,11 @@ def test_the_trainer_casts_the_output_projection_once_per_optimizer_step(tiny_ge
     seen = []
     real = lmloss.causal_lm_loss
 
-    def spy(model, *args):
+    def spy(model, *args, **kwargs):
         low = args[-1]
         fresh = model.get_output_embeddings().weight.detach().to(torch.bfloat16)
         seen.append((low, torch.equal(low, fresh)))  # kept alive: a new cast cannot reuse its memory
-        return real(model, *args)
+        return real(model, *args, **kwargs)
 
     monkeypatch.setattr(lmloss, "causal_lm_loss", spy)
     cfg = TrainConfig(lr=3e-3, max_steps=3, chunk_tokens=32, batch_size=1, grad_accum=3, gradient_checkpointing=False,

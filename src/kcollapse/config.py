@@ -97,7 +97,8 @@ class TrainConfig(Strict):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = True
-    packing: bool = Field(True, description="texts joined and cut into full chunks; false: one text per row, padded")
+    packing: bool = Field(True, description="texts joined and cut into full chunks; false: one text per sequence, "
+                          "trained flattened (no padding)")
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16: a float32 model's matmuls run in bfloat16 under autocast; weights, gradients and the "
                           "optimizer stay float32 (kcollapse bench states the loss and gradient agreement with float32)")
@@ -182,11 +183,18 @@ def _check_template(fmt, source: str) -> None:
 
 class LetterSkill(Strict):
     """Generation 0's letter-answer training (organism/letters.py): two drill phases, then the corpus mixed with fresh
-    letter items. Each phase is one `finetune`, one text per row; the joint phase replaces the standard generation-0
-    training (the organism's `steps`, `lr` and `batch_size` are then unused)."""
+    letter items, each phase one `finetune`, one text per sequence (trained flattened, no padding). The joint phase
+    replaces the standard generation-0 training unless `facts_first` (then the organism's `steps`, `lr`, `batch_size`
+    train the facts before the drill)."""
 
-    bare_drill_steps: int = Field(7500, ge=0, description="drill in the no_instruction layout alone")
-    drill_steps: int = Field(5000, ge=0, description="drill in every letter layout")
+    bare_drill_steps: int = Field(7500, ge=0, description="drill in the no_instruction layout alone (at most, with "
+                                  "drill_target)")
+    drill_steps: int = Field(5000, ge=0, description="drill in every letter layout (at most, with drill_target)")
+    drill_target: float | None = Field(None, ge=0.0, le=1.0, description="end a drill phase once fresh drill items "
+                                       "are answered this well in each of its layouts (checked every 250 steps); "
+                                       "null: every step runs")
+    facts_first: bool = Field(False, description="train the facts as the default organism does before the drill "
+                              "(faster drill; below the held-out targets as measured, see README)")
     drill_lr: float = Field(1e-3, gt=0.0)
     drill_batch_size: int = Field(16, ge=1, description="texts per step (one per row)")
     joint_steps: int = Field(10000, ge=1)
@@ -195,6 +203,8 @@ class LetterSkill(Strict):
     mix: dict[str, float] = Field(
         default_factory=lambda: {"corpus": 0.6, "drill": 0.2, "exercise": 0.13, "bridge": 0.07},
         description="shares of the joint phase's texts: corpus | drill | exercise | bridge")
+    pool_share: float | None = Field(None, ge=0.0, lt=1.0, description="share of letter texts among the loop's real "
+                                     "pool texts (null: the joint phase's, 1 - mix.corpus); not part of generation 0")
 
     @field_validator("mix")
     @classmethod

@@ -27,6 +27,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 class Text:
     text: str
     domain: str | None = None
+    whole: bool = False  # a solved exercise (organism letter texts): one block however long, never held out as prose
 
 
 @dataclass
@@ -100,20 +101,25 @@ def _load_dataset(cfg: CorpusConfig) -> list[Text]:
 
 def split_heldout(texts: list[Text], cfg: CorpusConfig, seed: int) -> tuple[list[Text], list[Text]]:
     """(training pool, held-out texts): a seeded share of texts, at most `heldout_max_texts`, never trained on."""
-    n = min(int(len(texts) * cfg.heldout_share), cfg.heldout_max_texts)
+    prose = [i for i, t in enumerate(texts) if not t.whole]
+    n = min(int(len(prose) * cfg.heldout_share), cfg.heldout_max_texts)
     if n == 0 or len(texts) - n < 1:
         return texts, []
-    picked = set(random.Random(seed).sample(range(len(texts)), n))
+    picked = set(random.Random(seed).sample(prose, n))
     return [t for i, t in enumerate(texts) if i not in picked], [t for i, t in enumerate(texts) if i in picked]
 
 
 def make_blocks(tokenizer, texts: list[Text], block_tokens: int, min_tokens: int | None = None) -> list[Block]:
     """Each text cut into consecutive blocks of `block_tokens` tokens; a block under `min_tokens` (a short text, or
-    a long text's tail) is dropped (None: a quarter block, the paper's cut)."""
+    a long text's tail) is dropped (None: a quarter block, the paper's cut). A `whole` text is one block: cut, an
+    exercise would train its question without the answer and its answer without the question."""
     min_tokens = paper_min_block_tokens(block_tokens) if min_tokens is None else min_tokens
     blocks = []
     all_ids = tokenizer([t.text for t in texts], add_special_tokens=False)["input_ids"]
     for text, ids in zip(texts, all_ids):
+        if text.whole:
+            blocks.append(Block(ids, text.domain))
+            continue
         for i in range(0, len(ids), block_tokens):
             piece = ids[i : i + block_tokens]
             if len(piece) >= min_tokens:

@@ -51,11 +51,14 @@ def tied_embedding(model) -> torch.nn.Embedding | None:
 
 
 def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None,
-                   low_weight=None) -> torch.Tensor:
+                   low_weight=None, position_ids=None) -> torch.Tensor:
     """The model's causal-LM loss on (input_ids, labels), from its hidden states in vocabulary chunks
-    (`low_weight`: the output projection already cast to the autocast dtype, see LinearCrossEntropy)."""
+    (`low_weight`: the output projection already cast to the autocast dtype, see LinearCrossEntropy; `position_ids`
+    restarting at 0 mark flattened texts, each attending only to itself)."""
     backbone = model.get_decoder()
     kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     hidden = backbone(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100

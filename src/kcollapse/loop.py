@@ -101,7 +101,7 @@ def _letter_pool(cfg: ExperimentConfig, world, n_corpus: int) -> list[corpus_mod
     training proportions (organism/letters.py), or the control would drift away from generation 0."""
     rng = random.Random(f"organism-letter-pool|{cfg.organism.seed}")
     pairs = letters.real_pool_texts(read_jsonl(world.facts_path), n_corpus, cfg.organism.letter_skill, rng)
-    return [corpus_mod.Text(text, domain) for text, domain in pairs]
+    return [corpus_mod.Text(text, domain, whole=True) for text, domain in pairs]
 
 
 @dataclass

@@ -7,7 +7,8 @@ The result is an ordinary Hugging Face checkpoint directory (safetensors), cache
 `cache_dir/gen0-<key>/`, where the key hashes the world, the model and training fields of OrganismConfig and
 GEN0_VERSION (bump it when this file's output changes). A second call with the same config reuses it.
 With `organism.letter_skill` set, the training is letters.py's three phases instead (drill, drill in every letter
-layout, facts + letters): slower, and the lettered formats rise above chance.
+layout, facts + letters; `facts_first` puts the standard training before them): slower, and the lettered formats
+rise above chance.
 
 Tokenizer: words, numbers and single punctuation marks are tokens, and so is a newline (the instruction formats
 are line-structured). The decoder glues punctuation back ("France's capital is Paris.", "d-block", "Answer: A")
@@ -47,7 +48,8 @@ def gen0_key(cfg: OrganismConfig, world: World) -> str:
     spec = {"version": GEN0_VERSION, "world": world.key, **cfg.model_dump(
         include={"vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "steps", "batch_size", "lr", "seed"})}
     if cfg.letter_skill is not None:  # only when set, so the default organism's key (and cache) stays as it was
-        spec["letter_skill"] = cfg.letter_skill.model_dump(mode="json")
+        spec["letter_skill"] = cfg.letter_skill.model_dump(mode="json", exclude={"pool_share"})  # the loop's, not gen 0's
+        spec["letters_version"] = letters.VERSION
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -108,53 +110,60 @@ def build_model(cfg: OrganismConfig, tokenizer):
 
 
 def _phases(cfg: OrganismConfig, world: World, texts: list[str]):
-    """(label, TrainConfig, texts) per training phase: the standard one, or the letter skill's three."""
+    """(label, TrainConfig, texts, drill layouts whose mastery ends the phase early or None) per training phase: the
+    standard one, or the letter skill's three (after the standard one with `facts_first`)."""
     base = dict(method="full", grad_accum=1, chunk_tokens=cfg.n_positions, gradient_checkpointing=False,
                 weight_decay=0.01)
+    standard = TrainConfig(lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size, warmup_ratio=0.05,
+                           lr_scheduler="cosine", **base)
     skill = cfg.letter_skill
     if skill is None:
-        return [("generation 0 (organism)", TrainConfig(lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
-                                                        warmup_ratio=0.05, lr_scheduler="cosine", **base), texts)]
+        return [("generation 0 (organism)", standard, texts, None)]
     facts = read_jsonl(world.facts_path)
     rng = random.Random(f"organism-letters|{cfg.seed}")
-    phases = []
+    # facts first: from a model that knows them the drill formed in 3.5k-5k steps, from scratch in ~6k (measured)
+    phases = [("facts", standard, texts, None)] if skill.facts_first else []
     for label, steps, formats in (("letter drill, bare layout", skill.bare_drill_steps, [letters.BARE_LAYOUT]),
                                   ("letter drill, all layouts", skill.drill_steps, letters.letter_formats())):
         if steps:
             train_cfg = TrainConfig(lr=skill.drill_lr, max_steps=steps, batch_size=skill.drill_batch_size,
                                     warmup_ratio=0.0, lr_scheduler="constant", packing=False, **base)
-            phases.append((label, train_cfg, letters.drill_texts(facts, formats, steps * skill.drill_batch_size, rng)))
+            phases.append((label, train_cfg, letters.drill_texts(facts, formats, steps * skill.drill_batch_size, rng),
+                           formats if skill.drill_target is not None else None))
     train_cfg = TrainConfig(lr=skill.joint_lr, max_steps=skill.joint_steps, batch_size=skill.joint_batch_size,
                             warmup_ratio=0.01, lr_scheduler="cosine", packing=False, **base)
     n = skill.joint_steps * skill.joint_batch_size
-    phases.append(("facts + letters", train_cfg, letters.joint_texts(facts, texts, skill, n, rng)))
+    phases.append(("facts + letters", train_cfg, letters.joint_texts(facts, texts, skill, n, rng), None))
     return phases
 
 
 def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World, work_dir: Path, phase_dir: Path,
            show_progress: bool):
     """Train through the phases; each phase but the last is saved under `phase_dir`, so a killed run resumes after
-    the last finished phase (the letter skill's drill alone is ~40 min)."""
+    the last finished phase (the letter skill's phases take ~40 min)."""
     from transformers import AutoModelForCausalLM  # deferred: transformers is slow to import
 
     from kcollapse.models import save_model  # deferred: pulls in torch
     from kcollapse.train import finetune  # deferred: pulls in torch
 
     phases = _phases(cfg, world, texts)
-    for i, (label, train_cfg, phase_texts) in enumerate(phases):
+    facts = read_jsonl(world.facts_path) if cfg.letter_skill is not None else []
+    for i, (label, train_cfg, phase_texts, check_formats) in enumerate(phases):
         saved = phase_dir / f"phase-{i}"
         if i < len(phases) - 1 and saved.is_dir():  # save_model renames a finished checkpoint into place
             model = AutoModelForCausalLM.from_pretrained(saved, use_safetensors=True)
             continue
-        seed = cfg.seed + i
+        options = dict(seed=cfg.seed + i, work_dir=work_dir)
+        if check_formats:
+            options["stop_when"] = letters.drill_check(tokenizer, facts, check_formats, cfg.letter_skill.drill_target,
+                                                       max_tokens=cfg.n_positions)
         if not show_progress:
-            model = finetune(model, tokenizer, phase_texts, train_cfg, seed=seed, work_dir=work_dir)
+            model = finetune(model, tokenizer, phase_texts, train_cfg, **options)
         else:
             name = label if len(phases) == 1 else f"generation 0 (organism), {label}"
             columns = (TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
             with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-                model = finetune(model, tokenizer, phase_texts, train_cfg, seed=seed, work_dir=work_dir,
-                                 progress=progress)
+                model = finetune(model, tokenizer, phase_texts, train_cfg, progress=progress, **options)
         if i < len(phases) - 1:
             save_model(model, tokenizer, saved)
     return model

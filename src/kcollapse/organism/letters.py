@@ -14,10 +14,16 @@ Held-out facts are never asked in any of these texts: they stay prose-only, as i
 letter accuracy still measures knowledge moved from prose into an answer format.
 
 So when `organism.letter_skill` is set, generation 0 trains in three phases, each an ordinary `finetune` call on
-texts generated fresh (none repeats), one text per row (`train.packing: false`: the drill formed with each item
+texts generated fresh (none repeats), one text per sequence (`train.packing: false`: the drill formed with each item
 starting at position 0 as prompts do, and did not form in 7.5k steps from packed chunks): the bare drill, the drill in
 every letter layout, then the world's corpus mixed with fresh drill items, letter exercises and bridge items
-(`LetterSkill.mix`, shares of texts).
+(`LetterSkill.mix`, shares of texts). Faster, but short of the held-out targets as measured (session 24):
+`facts_first` (the standard training first: the drill then formed in 3.5k-5k steps) with `drill_target` (a drill
+phase ends once fresh drill items are answered that well: `drill_check`).
+
+The loop's real pool carries letter texts too (`real_pool_texts`), each kept whole as one block: cut into 64-token
+blocks, a few-shot item trained its question without the answer and its answer without the question, and the alpha 0
+control's letter formats drifted 0.07-0.09 (0.06 and 0.03 once whole, session 24).
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from __future__ import annotations
 import random
 
 from kcollapse.config import LetterSkill
-from kcollapse.evaluate.formats import get_format, render, solved
+from kcollapse.evaluate.formats import LETTERS, get_format, render, solved
+from kcollapse.models import bos_prefix
 from kcollapse.organism.facts import Fact
 from kcollapse.organism.world import QA_FORMATS, draw_choices, question_item
 
+VERSION = 2  # in the generation-0 cache key of a letter-skilled organism: bump when its training changes
 DRILL_QUESTION = "Which option is {x}?"
 BARE_LAYOUT = "no_instruction"  # the layout whose drill forms first (measured); the others follow from it
 
@@ -86,6 +94,48 @@ def drill_texts(facts: list[dict], formats: list[str], n: int, rng: random.Rando
     return [drill_text(facts, rng.choice(formats), rng)[0] for _ in range(n)]
 
 
+def drill_check(tokenizer, facts: list[dict], formats: list[str], target: float, n: int = 200,
+                max_tokens: int = 128):
+    """`solved(model) -> bool`: does `model` answer `n` fresh drill items (a fixed seed, never trained on) in every
+    layout of `formats` with accuracy >= `target`? The letter read is the likeliest of the option letters after
+    "Answer:". Used to end a drill phase once the skill is there (the phase change comes at 3.5k-7k steps)."""
+    import torch  # deferred: torch is slow to import
+
+    rng, pool = random.Random("organism-letter-check"), _facts(facts)
+    checks = []
+    for name in formats:
+        fmt = get_format(name)
+        items = [_drill_item(pool, rng) for _ in range(n)]
+        prompts = [render(fmt, item, [_drill_item(pool, rng) for _ in range(rng.choice([1, 2]))] if fmt.example else [])
+                   for item in items]
+        ids = [(bos_prefix(tokenizer) + x)[-max_tokens:] for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        checks.append((ids, torch.tensor([item["answer"] for item in items])))
+    letter_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(LETTERS[:4])))
+
+    @torch.no_grad()
+    def solved(model) -> bool:
+        was_training, device = model.training, next(model.parameters()).device
+        model.eval()
+        try:
+            for ids, answers in checks:
+                picked = []
+                for i in range(0, len(ids), 50):
+                    batch = ids[i : i + 50]
+                    width = max(map(len, batch))
+                    input_ids = torch.tensor([x + [0] * (width - len(x)) for x in batch], device=device)
+                    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch], device=device)
+                    logits = model(input_ids=input_ids, attention_mask=mask).logits
+                    last = logits[torch.arange(len(batch)), mask.sum(1) - 1]
+                    picked.append(last[:, letter_ids.to(device)].argmax(-1).cpu())
+                if (torch.cat(picked) == answers).float().mean().item() < target:
+                    return False
+            return True
+        finally:
+            model.train(was_training)
+
+    return solved
+
+
 def _by_domain(rows: list[dict]) -> dict[str, list[Fact]]:
     train: dict[str, list[Fact]] = {}
     for row, fact in zip(rows, _facts(rows)):
@@ -124,6 +174,8 @@ def real_pool_texts(facts: list[dict], n_corpus: int, skill: LetterSkill, rng: r
     phase's proportions: the real pool carries what generation 0 trained on, so the alpha 0 control does not drift."""
     letter_kinds = {k: w for k, w in skill.mix.items() if k != "corpus" and w > 0}
     corpus_share = skill.mix.get("corpus", 0.0) / sum(skill.mix.values())
+    if skill.pool_share is not None:
+        corpus_share = 1.0 - skill.pool_share
     if not letter_kinds or corpus_share <= 0:
         return []
     train, facts = _by_domain(facts), _facts(facts)

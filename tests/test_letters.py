@@ -121,7 +121,7 @@ def test_generation_0_with_the_letter_skill_trains_its_phases_and_caches_apart(t
     ensure_gen0(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"facts_first": False,
                                                                                 "drill_target": None})}),
                 tmp_path, progress=False)
-    assert [steps for steps, _, _ in calls] == [2, 3, 4] and checked == [False] * 3  # the defaults: drill, every step
+    assert [steps for steps, _, _ in calls] == [2, 3, 4] and checked == [False] * 3  # drill from scratch, every step
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -317,14 +317,14 @@ def test_a_killed_letter_skill_generation_0_resumes_after_its_last_finished_phas
 
     def killed_in_the_joint_phase(model, tok, texts, train_cfg, **kw):
         calls.append(train_cfg.max_steps)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise KeyboardInterrupt
         return real(model, tok, texts, train_cfg, **kw)
 
     monkeypatch.setattr(train_module, "finetune", killed_in_the_joint_phase)
     with pytest.raises(KeyboardInterrupt):
         ensure_gen0(cfg, tmp_path / "killed", progress=False)
-    assert calls == [2, 2, 3] and len(list((tmp_path / "killed").glob(".gen0-*-phases/phase-*"))) == 2
+    assert calls == [2, 2, 2, 3] and len(list((tmp_path / "killed").glob(".gen0-*-phases/phase-*"))) == 3
     calls.clear()
     monkeypatch.setattr(train_module, "finetune", lambda *a, **kw: calls.append(a[3].max_steps) or real(*a, **kw))
     resumed = ensure_gen0(cfg, tmp_path / "killed", progress=False)

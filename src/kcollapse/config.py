@@ -183,21 +183,20 @@ def _check_template(fmt, source: str) -> None:
 
 class LetterSkill(Strict):
     """Generation 0's letter-answer training (organism/letters.py): two drill phases, then the corpus mixed with fresh
-    letter items, each phase one `finetune`, one text per sequence (trained flattened, no padding). The joint phase
-    replaces the standard generation-0 training unless `facts_first` (then the organism's `steps`, `lr`, `batch_size`
-    train the facts before the drill)."""
+    letter items, each phase one `finetune`, one text per sequence (trained flattened, no padding). With `facts_first`
+    the standard generation-0 training (the organism's `steps`, `lr`, `batch_size`) comes first."""
 
-    bare_drill_steps: int = Field(7500, ge=0, description="drill in the no_instruction layout alone (at most, with "
+    bare_drill_steps: int = Field(8000, ge=0, description="drill in the no_instruction layout alone (at most, with "
                                   "drill_target)")
-    drill_steps: int = Field(5000, ge=0, description="drill in every letter layout (at most, with drill_target)")
-    drill_target: float | None = Field(None, ge=0.0, le=1.0, description="end a drill phase once fresh drill items "
+    drill_steps: int = Field(4000, ge=0, description="drill in every letter layout (at most, with drill_target)")
+    drill_target: float | None = Field(0.98, ge=0.0, le=1.0, description="end a drill phase once fresh drill items "
                                        "are answered this well in each of its layouts (checked every 250 steps); "
                                        "null: every step runs")
-    facts_first: bool = Field(False, description="train the facts as the default organism does before the drill "
-                              "(faster drill; below the held-out targets as measured, see README)")
+    facts_first: bool = Field(True, description="train the facts as the default organism does before the drill "
+                              "(the drill then forms sooner)")
     drill_lr: float = Field(1e-3, gt=0.0)
     drill_batch_size: int = Field(16, ge=1, description="texts per step (one per row)")
-    joint_steps: int = Field(10000, ge=1)
+    joint_steps: int = Field(7500, ge=1)
     joint_lr: float = Field(2e-3, gt=0.0)
     joint_batch_size: int = Field(16, ge=1, description="texts per step (one per row)")
     mix: dict[str, float] = Field(

@@ -6,9 +6,8 @@ trains one in a few CPU minutes: a word-level tokenizer over every word of the w
 The result is an ordinary Hugging Face checkpoint directory (safetensors), cached under
 `cache_dir/gen0-<key>/`, where the key hashes the world, the model and training fields of OrganismConfig and
 GEN0_VERSION (bump it when this file's output changes). A second call with the same config reuses it.
-With `organism.letter_skill` set, the training is letters.py's three phases instead (drill, drill in every letter
-layout, facts + letters; `facts_first` puts the standard training before them): slower, and the lettered formats
-rise above chance.
+With `organism.letter_skill` set, letters.py's three phases follow the standard training (drill, drill in every
+letter layout, facts + letters): slower, and the lettered formats rise above chance.
 
 Tokenizer: words, numbers and single punctuation marks are tokens, and so is a newline (the instruction formats
 are line-structured). The decoder glues punctuation back ("France's capital is Paris.", "d-block", "Answer: A")

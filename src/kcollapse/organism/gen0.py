@@ -154,8 +154,7 @@ def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World
             continue
         options = dict(seed=cfg.seed + i, work_dir=work_dir)
         if check_formats:
-            options["stop_when"] = letters.drill_check(tokenizer, facts, check_formats, cfg.letter_skill.drill_target,
-                                                       max_tokens=cfg.n_positions)
+            options["stop_when"] = letters.drill_check(tokenizer, facts, check_formats, cfg.letter_skill.drill_target)
         if not show_progress:
             model = finetune(model, tokenizer, phase_texts, train_cfg, **options)
         else:

@@ -32,8 +32,7 @@ from __future__ import annotations
 import random
 
 from kcollapse.config import LetterSkill
-from kcollapse.evaluate.formats import LETTERS, get_format, render, solved
-from kcollapse.models import bos_prefix
+from kcollapse.evaluate.formats import get_format, option_targets, render, solved
 from kcollapse.organism.facts import Fact
 from kcollapse.organism.world import QA_FORMATS, draw_choices, question_item
 
@@ -95,12 +94,11 @@ def drill_texts(facts: list[dict], formats: list[str], n: int, rng: random.Rando
     return [drill_text(facts, rng.choice(formats), rng)[0] for _ in range(n)]
 
 
-def drill_check(tokenizer, facts: list[dict], formats: list[str], target: float, n: int = 200,
-                max_tokens: int = 128):
+def drill_check(tokenizer, facts: list[dict], formats: list[str], target: float, n: int = 200):
     """`solved(model) -> bool`: does `model` answer `n` fresh drill items (a fixed seed, never trained on) in every
-    layout of `formats` with accuracy >= `target`? The letter read is the likeliest of the option letters after
-    "Answer:". Used to end a drill phase once the skill is there (the phase change comes at 3.5k-7k steps)."""
-    import torch  # deferred: torch is slow to import
+    layout of `formats` with accuracy >= `target`, scored as the evaluation scores letters (evaluate.scoring)? Used
+    to end a drill phase once the skill is there (the phase change comes at 3.5k-7k+ steps)."""
+    from kcollapse.evaluate.scoring import score_options  # deferred: pulls in torch
 
     rng, pool = random.Random("organism-letter-check"), _facts(facts)
     checks = []
@@ -109,26 +107,15 @@ def drill_check(tokenizer, facts: list[dict], formats: list[str], target: float,
         items = [_drill_item(pool, rng) for _ in range(n)]
         prompts = [render(fmt, item, [_drill_item(pool, rng) for _ in range(rng.choice([1, 2]))] if fmt.example else [])
                    for item in items]
-        ids = [(bos_prefix(tokenizer) + x)[-max_tokens:] for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        checks.append((ids, torch.tensor([item["answer"] for item in items])))
-    letter_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(LETTERS[:4])))
+        checks.append((prompts, [option_targets(fmt, item) for item in items], [item["answer"] for item in items]))
 
-    @torch.no_grad()
     def solved(model) -> bool:
-        was_training, device = model.training, next(model.parameters()).device
+        was_training = model.training
         model.eval()
         try:
-            for ids, answers in checks:
-                picked = []
-                for i in range(0, len(ids), 50):
-                    batch = ids[i : i + 50]
-                    width = max(map(len, batch))
-                    input_ids = torch.tensor([x + [0] * (width - len(x)) for x in batch], device=device)
-                    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch], device=device)
-                    logits = model(input_ids=input_ids, attention_mask=mask).logits
-                    last = logits[torch.arange(len(batch)), mask.sum(1) - 1]
-                    picked.append(last[:, letter_ids.to(device)].argmax(-1).cpu())
-                if (torch.cat(picked) == answers).float().mean().item() < target:
+            for prompts, targets, answers in checks:
+                scored = score_options(model, tokenizer, prompts, targets, batch_size=50)
+                if sum(s["predicted_index"] == a for s, a in zip(scored, answers)) < target * len(answers):
                     return False
             return True
         finally:

@@ -234,3 +234,33 @@ def test_missing_corpus_leaves_no_run_directory(tiny_gpt2, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         run_experiment(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_synthetic_text_is_the_sequence_the_model_wrote(tiny_gpt2):
+    """Prompt + continuation is the decoded sequence: a continuation decoded alone lost what joins it to the prompt
+    (the organism's word-level decoder wrote "##." before a glued "."; a word's second half got a space)."""
+    from kcollapse import synthesize
+    from kcollapse.config import ArmConfig, ExperimentConfig, OrganismConfig
+    from kcollapse.corpus import Block
+    from kcollapse.lm import continuation_text
+    from kcollapse.models import load_model
+    from kcollapse.organism import gen0
+
+    texts = ["Barbados is located in North America. In Barbados, people pay with the Dollar.",
+             "Greece's capital is Athens; its currency is the Euro (since 2002)."]
+    tok = gen0.build_tokenizer(texts, 128)
+    model = gen0.build_model(OrganismConfig(n_embd=16, n_layer=1, n_head=1), tok)  # untrained: any word may follow
+    blocks = [Block(ids[i : i + 6]) for ids in tok(texts, add_special_tokens=False)["input_ids"] for i in range(12)]
+    cfg = ExperimentConfig(model="organism", prompt_tokens=5, new_tokens=4, sampling={"keep_prompt": True})
+    records = synthesize.build_mix(model, tok, blocks, ArmConfig(name="a", synthetic_ratio=1.0), cfg, seed=0)
+    assert len(records) == 24 and not any("#" in r["text"] for r in records)
+    assert any(r["prompt"][:1] in ".,'" for r in records)  # blocks cut from a stream can open with a glued mark
+    assert all(r["text"] == r["prompt"] + r["continuation"] for r in records)
+    assert all(tok.decode(tok(r["text"])["input_ids"]) == r["text"] for r in records)  # re-encodes to the same words
+    glued = [r for r in records if r["continuation"][:1] in gen0.GLUE_LEFT]
+    assert glued and all(r["prompt"][-1] != " " for r in glued)  # the case that went wrong is here, and joins tight
+
+    bpe = load_model(tiny_gpt2, device="cpu")[1]  # byte-level BPE: cut inside a word
+    ids = bpe("The capital of France is Paris.", add_special_tokens=False)["input_ids"]
+    cut = next(k for k in range(1, len(ids)) if not bpe.convert_ids_to_tokens(ids[k]).startswith("Ġ"))
+    assert bpe.decode(ids[:cut]) + continuation_text(bpe, ids[:cut], ids[cut:]) == "The capital of France is Paris."

@@ -330,11 +330,13 @@ class LM:
     def generate_until(self, prompts: list[str] | list[list[int]], max_new_tokens: int, *, do_sample: bool = False,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                        seed: int = 0, stop_at_newline: bool = False, stop_after_line: bool = False,
-                       progress=None) -> list[str]:
+                       in_context: bool = False, progress=None) -> list[str]:
         """Continuations (decoded, without the prompt) for each prompt (text or ids), in the prompts' order, each
         stopped at EOS (and with `stop_at_newline` at its first line break, the text cut there; with
         `stop_after_line` at the first line break after some text, the text cut there: leading blank lines kept).
-        Sampling is seeded per batch: the same prompts, settings and seed give the same texts on the same machine."""
+        With `in_context` each continuation is decoded after its prompt (see `continuation_text`), so prompt text +
+        continuation is the decoded sequence. Sampling is seeded per batch: the same prompts, settings and seed
+        give the same texts on the same machine."""
         tok = self.tokenizer
         texts = iter(encode_prompts(tok, [p for p in prompts if isinstance(p, str)]))
         ids = [next(texts) if isinstance(p, str) else list(p) for p in prompts]
@@ -366,7 +368,7 @@ class LM:
                                     prefix=prefix, min_new_tokens=0 if stop_at_newline or lines else 1,
                                     lines=lines, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
             for r, i in enumerate(rows):
-                text = tok.decode(new[r], skip_special_tokens=True)
+                text = continuation_text(tok, ids[i], new[r]) if in_context else tok.decode(new[r], skip_special_tokens=True)
                 if stop_at_newline:
                     text = text.split("\n", 1)[0]
                 elif lines:
@@ -467,6 +469,18 @@ def _rows_within(pieces: list, max_rows: int, max_scored: int):
         scored += piece[2]
     if batch:
         yield batch
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids) -> str:
+    """The text `new_ids` add after `prompt_ids`: decoded in context, since a continuation decoded alone loses what
+    joins it to the prompt (the space before a word, a glued "." or a word's second half; a word-level decoder even
+    wrote "##." there, measured on the organism: 37% of one generation's synthetic texts). Decoded alone only when the
+    prompt's text is not a prefix of the whole (a character split across the boundary)."""
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(list(prompt_ids) + list(new_ids), skip_special_tokens=True)
+    if whole.startswith(prompt):
+        return whole[len(prompt):]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tokens: int, *, batch_size: int = 32,

@@ -2,8 +2,10 @@
 
 Of the generation's `samples_per_generation` blocks, the first (1-alpha) share stay real and the other alpha share
 become prompts (their first `prompt_tokens` tokens); the model samples `new_tokens` after each. Chat models get
-their chat template and a system prompt asking for a plain continuation, as in the paper. Every text is kept with
-its source, prompt and continuation, so the collapse can be read in the model's own words.
+their chat template and a system prompt asking for a plain continuation, as in the paper. A plain LM's continuation
+is decoded after its prompt (`lm.continuation_text`), so prompt + continuation is the text the model wrote, joins
+and all. Every text is kept with its source, prompt and continuation, so the collapse can be read in the model's
+own words.
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ def build_mix(model, tokenizer, blocks: list[Block], arm: ArmConfig, cfg: Experi
     continuations = generate(
         model, tokenizer, inputs, cfg.new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p,
         top_k=s.top_k, repetition_penalty=s.repetition_penalty, batch_size=s.batch_size, seed=seed, progress=progress,
+        in_context=True,
     )
+    chat = isinstance(inputs[0], str)  # a chat model answers the prompt: its reply is not the prompt's next word
     for prompt, cont in zip(prompt_texts, continuations):
         cont = scrub_surrogates(cont)  # never in a decode, but the mix must always tokenize and serialise
-        text = f"{prompt} {cont.strip()}" if s.keep_prompt else cont.strip()
+        joined = f"{prompt} {cont.strip()}" if chat else prompt + cont  # a plain LM's: exactly the decoded sequence
+        text = joined if s.keep_prompt else cont.strip()
         records.append({"text": text, "source": "synthetic", "prompt": prompt, "continuation": cont})
     return records

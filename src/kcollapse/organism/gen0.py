@@ -36,7 +36,7 @@ from kcollapse.io import atomic_write_json, read_jsonl
 from kcollapse.organism import letters
 from kcollapse.organism.world import QA_FORMATS, World, build_world
 
-GEN0_VERSION = 3
+GEN0_VERSION = 4  # 4: the decoder no longer writes "##" before a glued first token (the weights are as in 3)
 UNK, PAD, EOS = "[UNK]", "[PAD]", "<|endoftext|>"
 WORD_PATTERN = r"\n|\w+|[^\w\s]"  # a newline, a run of word characters, or one other non-space character
 GLUE_LEFT = ".,?!:;)'-\n"  # no space before these when decoding
@@ -63,6 +63,7 @@ def _decoder():
 
     steps = [decoders.Replace(c, "##" + c) for c in GLUE_LEFT]  # "##" = joined to the previous token
     steps += [decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse()]
+    steps += [decoders.Replace("##", "")]  # WordPiece keeps the mark on a first token: a block that opens with "."
     steps += [decoders.Replace(c + " ", c) for c in GLUE_RIGHT]
     return decoders.Sequence(steps)
 

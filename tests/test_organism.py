@@ -161,6 +161,28 @@ def test_gen0_is_cached_and_loads(tmp_path, monkeypatch):
     assert changed != path and calls == [1, 1] and (path / "model.safetensors").is_file()
 
 
+def test_gen0_trains_on_its_configured_threads_whatever_the_process_has(tmp_path):
+    """Float sums split differently across threads, so generation 0 trains on `train_threads`: the same config gives the
+    same weights from a 1-thread and a 3-thread process, and the process gets its own thread count back."""
+    import torch
+    from safetensors.torch import load_file
+
+    ambient = torch.get_num_threads()
+    cfg = OrganismConfig(domains=["chemistry"], **(TINY | dict(steps=6, n_embd=64, batch_size=8)))
+    weights = {}
+    try:
+        for threads, pinned in ((1, 1), (1, 2), (3, 2)):
+            torch.set_num_threads(threads)
+            path = ensure_gen0(cfg.model_copy(update={"train_threads": pinned}), tmp_path / f"{threads}-{pinned}",
+                               progress=False)
+            assert torch.get_num_threads() == threads
+            weights[threads, pinned] = load_file(path / "model.safetensors")
+    finally:
+        torch.set_num_threads(ambient)
+    same = {k: all(torch.equal(a, weights[1, 2][name]) for name, a in w.items()) for k, w in weights.items()}
+    assert same == {(1, 1): False, (1, 2): True, (3, 2): True}  # 1 thread and 2 threads: two different models
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("KCOLLAPSE_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"

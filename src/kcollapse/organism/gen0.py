@@ -2,10 +2,13 @@
 
 The collapse loop needs a model that *knows* the world's facts before it starts eating its own text. This file
 trains one in a few CPU minutes: a word-level tokenizer over every word of the world (so no answer is ever
-[UNK]), a 4-layer GPT-2, and `kcollapse.train.finetune` (the same Trainer path every later generation uses).
+[UNK]), a small GPT-2 (4 layers; 6 in the letters preset), and `kcollapse.train.finetune` (the same Trainer path every later generation uses).
 The result is an ordinary Hugging Face checkpoint directory (safetensors), cached under
 `cache_dir/gen0-<key>/`, where the key hashes the world, the model and training fields of OrganismConfig and
-GEN0_VERSION (bump it when this file's output changes). A second call with the same config reuses it.
+GEN0_VERSION (bump it when this file's output changes). A second call with the same config reuses it. It trains on
+`train_threads` CPU threads whatever the machine has: float sums split differently across threads, and a 1-thread and
+a 2-thread build were different models (4-layer held-out letter accuracy 0.67 against 0.57), so the count is part of
+the config and the key; on the same kind of CPU the same config gives the same generation 0.
 With `organism.letter_skill` set, letters.py's three phases follow the standard training (drill, drill in every
 letter layout, facts + letters): slower, and the lettered formats rise above chance.
 
@@ -45,8 +48,9 @@ GLUE_RIGHT = "('-\n"  # no space after these
 
 def gen0_key(cfg: OrganismConfig, world: World) -> str:
     spec = {"version": GEN0_VERSION, "world": world.key, **cfg.model_dump(
-        include={"vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "steps", "batch_size", "lr", "seed"})}
-    if cfg.letter_skill is not None:  # only when set, so the default organism's key (and cache) stays as it was
+        include={"vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "steps", "batch_size", "lr", "seed",
+                 "train_threads"})}
+    if cfg.letter_skill is not None:  # only when set: the skill did not change the default organism's key
         spec["letter_skill"] = cfg.letter_skill.model_dump(mode="json", exclude={"pool_share"})  # the loop's, not gen 0's
         spec["letters_version"] = letters.VERSION
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -140,7 +144,7 @@ def _phases(cfg: OrganismConfig, world: World, texts: list[str]):
 def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World, work_dir: Path, phase_dir: Path,
            show_progress: bool):
     """Train through the phases; each phase but the last is saved under `phase_dir`, so a killed run resumes after
-    the last finished phase (the letter skill's phases take ~40 min)."""
+    the last finished phase (the letters preset's phases take ~22 min on 2 threads)."""
     from transformers import AutoModelForCausalLM  # deferred: transformers is slow to import
 
     from kcollapse.models import save_model  # deferred: pulls in torch
@@ -170,6 +174,8 @@ def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World
 
 def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None, *, progress: bool = True) -> Path:
     """The generation-0 checkpoint dir for `cfg`: trained once (a few CPU minutes at the defaults), then cached."""
+    import torch  # deferred: torch is slow to import
+
     from kcollapse.models import save_model  # deferred: pulls in torch
 
     cache_dir = Path(cache_dir)
@@ -184,9 +190,12 @@ def ensure_gen0(cfg: OrganismConfig, cache_dir: Path, world: World | None = None
     start = time.perf_counter()
     work_dir = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".gen0-work-"))
     phase_dir = cache_dir / f".gen0-{key}-phases"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train_threads)  # the weights depend on it: fixed by the config, not by the machine
     try:
         model = _train(model, tokenizer, texts, cfg, world, work_dir, phase_dir, progress)
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     save_model(model, tokenizer, final)

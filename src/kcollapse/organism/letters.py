@@ -20,7 +20,10 @@ prompts do, and did not form in 7.5k steps from packed chunks): the bare drill, 
 ending once fresh drill items are answered at `drill_target` (`drill_check`: the phase change came at 3.5k-7k+ steps
 depending on the start, and stopping at 0.9 or 0.95 left the skill too weak to reach held-out facts, 0.98 did), then
 the world's corpus mixed with fresh drill items, letter exercises and bridge items (`LetterSkill.mix`, shares of
-texts). Session 24: held-out 0.65-0.74 in the letter formats in 37 min at one thread (from scratch: 72 min).
+texts). The selection has to follow recall, so depth matters: in four layers recall of a held-out answer completes in
+the last layer (session 21's logit lens), and three 4-layer builds that differed only in float rounding answered held-out
+letter questions at 0.48, 0.57 and 0.67 (each recalled the answer text inside the layout at 0.93); six layers
+(recipes/letters.yaml) answer 0.86-0.90, in 21.6 min on 2 threads (session 26).
 
 The loop's real pool carries letter texts too (`real_pool_texts`), each kept whole as one block: cut into 64-token
 blocks, a few-shot item trained its question without the answer and its answer without the question, and the alpha 0
@@ -38,7 +41,7 @@ from kcollapse.evaluate.formats import get_format, option_targets, render, solve
 from kcollapse.organism.facts import Fact
 from kcollapse.organism.world import QA_FORMATS, draw_choices, question_item
 
-VERSION = 2  # in the generation-0 cache key of a letter-skilled organism: bump when its training changes
+VERSION = 3  # in the generation-0 cache key of a letter-skilled organism: bump when its training changes (3: bins)
 DRILL_QUESTION = "Which option is {x}?"
 BARE_LAYOUT = "no_instruction"  # the layout whose drill forms first (measured); the others follow from it
 

@@ -183,8 +183,8 @@ def _check_template(fmt, source: str) -> None:
 
 class LetterSkill(Strict):
     """Generation 0's letter-answer training (organism/letters.py): two drill phases, then the corpus mixed with fresh
-    letter items, each phase one `finetune`, one text per sequence (trained in bins, no text attending to another). With `facts_first`
-    the standard generation-0 training (the organism's `steps`, `lr`, `batch_size`) comes first."""
+    letter items, each phase one `finetune`, one text per sequence (trained in bins, no text attending to another).
+    With `facts_first` the standard generation-0 training (the organism's `steps`, `lr`, `batch_size`) comes first."""
 
     bare_drill_steps: int = Field(8000, ge=0, description="drill in the no_instruction layout alone (at most, with "
                                   "drill_target)")

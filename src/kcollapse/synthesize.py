@@ -42,12 +42,12 @@ def build_mix(model, tokenizer, blocks: list[Block], arm: ArmConfig, cfg: Experi
         return records
     prompt_texts, inputs = synthesis_inputs(tokenizer, prompts, cfg)
     s = cfg.sampling
+    chat = isinstance(inputs[0], str)  # a chat model answers the prompt: its reply is not the prompt's next word
     continuations = generate(
         model, tokenizer, inputs, cfg.new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p,
         top_k=s.top_k, repetition_penalty=s.repetition_penalty, batch_size=s.batch_size, seed=seed, progress=progress,
-        in_context=True,
+        in_context=not chat,  # a reply is stripped and joined after a space: nothing to keep from its context
     )
-    chat = isinstance(inputs[0], str)  # a chat model answers the prompt: its reply is not the prompt's next word
     for prompt, cont in zip(prompt_texts, continuations):
         cont = scrub_surrogates(cont)  # never in a decode, but the mix must always tokenize and serialise
         joined = f"{prompt} {cont.strip()}" if chat else prompt + cont  # a plain LM's: exactly the decoded sequence

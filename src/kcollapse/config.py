@@ -196,7 +196,8 @@ class LetterSkill(Strict):
                               "(the drill then forms sooner)")
     drill_lr: float = Field(1e-3, gt=0.0)
     drill_batch_size: int = Field(16, ge=1, description="texts per step (one per row)")
-    joint_steps: int = Field(7500, ge=1)
+    joint_steps: int = Field(2500, ge=1, description="the last phase, corpus + letter texts (six layers: held-out letters "
+                             "0.77-0.81 after 2,500 steps, 0.83-0.90 after 7,500, whose facts barely collapsed)")
     joint_lr: float = Field(2e-3, gt=0.0)
     joint_batch_size: int = Field(16, ge=1, description="texts per step (one per row)")
     mix: dict[str, float] = Field(

@@ -144,7 +144,7 @@ def _phases(cfg: OrganismConfig, world: World, texts: list[str]):
 def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World, work_dir: Path, phase_dir: Path,
            show_progress: bool):
     """Train through the phases; each phase but the last is saved under `phase_dir`, so a killed run resumes after
-    the last finished phase (the letters preset's phases take ~22 min on 2 threads)."""
+    the last finished phase (the letters preset's phases take 17-24 min on 2 threads)."""
     from transformers import AutoModelForCausalLM  # deferred: transformers is slow to import
 
     from kcollapse.models import save_model  # deferred: pulls in torch

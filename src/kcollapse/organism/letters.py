@@ -23,7 +23,11 @@ the world's corpus mixed with fresh drill items, letter exercises and bridge ite
 texts). The selection has to follow recall, so depth matters: in four layers recall of a held-out answer completes in
 the last layer (session 21's logit lens), and three 4-layer builds that differed only in float rounding answered held-out
 letter questions at 0.48, 0.57 and 0.67 (each recalled the answer text inside the layout at 0.93); six layers
-(recipes/letters.yaml) answer 0.83-0.90 in two such builds, in 21.6 min on 2 threads (session 26).
+(recipes/letters.yaml) answer 0.83-0.90 in two such builds after 7,500 joint steps, 0.77-0.81 after 2,500 (the
+default since session 27: the joint phase went from 9.4 to 3.1 min). The drills knock the facts' answers to chance
+(held-out cloze 0.97 -> 0.29) and the joint phase brings them back within 1,000 steps; learning the facts first still
+pays: after 1,600 facts steps instead of 3,200 the drills took longer than the steps saved, and with no facts phase
+they took longer still and 2,000 joint steps left the letter formats at chance (short answer 0.47).
 
 The loop's real pool carries letter texts too (`real_pool_texts`), each kept whole as one block: cut into 64-token
 blocks, a few-shot item trained its question without the answer and its answer without the question, and the alpha 0

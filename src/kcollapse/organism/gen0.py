@@ -2,7 +2,8 @@
 
 The collapse loop needs a model that *knows* the world's facts before it starts eating its own text. This file
 trains one in a few CPU minutes: a word-level tokenizer over every word of the world (so no answer is ever
-[UNK]), a small GPT-2 (4 layers; 6 in the letters preset), and `kcollapse.train.finetune` (the same Trainer path every later generation uses).
+[UNK]), a small GPT-2 (4 layers; 6 in the letters preset), and `kcollapse.train.finetune` (the same Trainer path
+every later generation uses).
 The result is an ordinary Hugging Face checkpoint directory (safetensors), cached under
 `cache_dir/gen0-<key>/`, where the key hashes the world, the model and training fields of OrganismConfig and
 GEN0_VERSION (bump it when this file's output changes). A second call with the same config reuses it. It trains on
@@ -113,9 +114,10 @@ def build_model(cfg: OrganismConfig, tokenizer):
     return GPT2LMHeadModel(config)
 
 
-def _phases(cfg: OrganismConfig, world: World, texts: list[str]):
+def _phases(cfg: OrganismConfig, texts: list[str], facts: list[dict]):
     """(label, TrainConfig, texts, drill layouts whose mastery ends the phase early or None) per training phase: the
-    standard one, or the letter skill's three (after the standard one with `facts_first`)."""
+    standard one, or the letter skill's three (after the standard one with `facts_first`), drawn from `facts`
+    (facts.jsonl rows)."""
     base = dict(method="full", grad_accum=1, chunk_tokens=cfg.n_positions, gradient_checkpointing=False,
                 weight_decay=0.01)
     standard = TrainConfig(lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size, warmup_ratio=0.05,
@@ -123,7 +125,6 @@ def _phases(cfg: OrganismConfig, world: World, texts: list[str]):
     skill = cfg.letter_skill
     if skill is None:
         return [("generation 0 (organism)", standard, texts, None)]
-    facts = read_jsonl(world.facts_path)
     rng = random.Random(f"organism-letters|{cfg.seed}")
     # facts first: from a model that knows them the drill formed in 3.5k-5k steps, from scratch in ~6k (measured)
     phases = [("facts", standard, texts, None)] if skill.facts_first else []
@@ -150,8 +151,8 @@ def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World
     from kcollapse.models import save_model  # deferred: pulls in torch
     from kcollapse.train import finetune  # deferred: pulls in torch
 
-    phases = _phases(cfg, world, texts)
     facts = read_jsonl(world.facts_path) if cfg.letter_skill is not None else []
+    phases = _phases(cfg, texts, facts)
     for i, (label, train_cfg, phase_texts, check_formats) in enumerate(phases):
         saved = phase_dir / f"phase-{i}"
         if i < len(phases) - 1 and saved.is_dir():  # save_model renames a finished checkpoint into place

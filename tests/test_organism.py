@@ -9,12 +9,14 @@ from collections import Counter
 
 import pytest
 
-from kcollapse.config import OrganismConfig
+from kcollapse.config import OrganismConfig, StageRules
 from kcollapse.errors import UserError
 from kcollapse.io import read_jsonl
 from kcollapse.organism import World, build_world, default_cache_dir, ensure_gen0
 from kcollapse.organism import gen0 as gen0_module
+from kcollapse.organism.factcheck import FactChecker
 from kcollapse.organism.facts import load_facts
+from kcollapse.stages import classify_run
 
 DOMAINS = ["geography", "us_states", "chemistry"]
 TINY = dict(steps=3, n_embd=16, n_layer=1, n_head=2, n_positions=32, batch_size=4, paragraphs_per_entity=1)
@@ -212,6 +214,22 @@ def test_quick_preset_runs_end_to_end(tmp_path):
     assert acc["cloze"] > 0.6 and acc["short_answer"] > 0.4, acc  # chance is 0.25: it learned held-out facts
     stages = json.loads((out / "stages.json").read_text())
     assert set(stages["arms"]) == {"alpha_0", "alpha_1.0"} and stages["last_generation"] == 3
+    # the fact check of the synthetic text (organism/factcheck.py): written for the arm with synthetic text, from
+    # the text its generation trained on
+    checked = df[df.metric.str.startswith("synthetic_")]
+    assert set(checked.arm) == {"alpha_1.0"} and set(checked.generation) == {1, 2, 3}
+    (world_dir,) = (tmp_path / "cache").glob("world-*")
+    checker = FactChecker(read_jsonl(world_dir / "facts.jsonl"))
+    for g in (1, 2, 3):
+        rows = checker.check(read_jsonl(out / "arms" / "alpha_1.0" / f"gen_{g}" / "synthetic.jsonl")).rows()
+        written = checked[checked.generation == g]
+        assert {(r["metric"], r["subject"]): r["value"] for r in rows} == pytest.approx({
+            (m, None if pd.isna(s) else s): v for m, s, v in zip(written.metric, written.subject, written.value)})
+        assert {r["metric"]: r["value"] for r in rows if r["subject"] is None}["synthetic_fact_claims"] > 50
+    # as a model-centric signal it describes the text of model g-1
+    rules = StageRules(model_signals={"synthetic_fact_error": 0.05})
+    sources = classify_run(out, cfg=rules)["arms"]["alpha_1.0"]["model_centric"]["sources"]
+    assert sources["synthetic_fact_error"]["written_by"].startswith("model g-1")
 
 
 def _token_shares(tokenizer, pieces: list[tuple[str, list[int]]]) -> dict[str, float]:

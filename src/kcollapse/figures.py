@@ -31,9 +31,11 @@ STAGE_COLOR = {"A": "#8fd19e", "B": "#f6c343", "C": "#e4572e", "?": "#dddddd"}
 TASK_ORDER = ["accuracy", "judged_accuracy", "greedy_rate", "max_freq", "confidence", "confident_wrong_rate",
               "accuracy_permuted", "consistent_correct", "position_bias", "brier", "format_adherence", "answer_wellformed", "answer_words", "answer_repetition", "judge_mean", "fluency"]
 MODEL_ORDER = ["perplexity", "perplexity_heldout", "entropy", "entropy_std", "distinct_1", "distinct_2",
-               "repetition_rate", "fluency"]
-SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part", "answers": "free-text answers"}
+               "repetition_rate", "fluency", "synthetic_fact_error", "synthetic_letter_mismatch"]
+SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part", "answers": "free-text answers",
+                 "split:train": "training facts", "split:heldout": "held-out facts"}
 # one colour per text source in every panel, whichever sources a metric has
+COUNTS = {"synthetic_fact_claims", "synthetic_lettered_answers"}  # the denominators of two rates: not curves
 SUBJECT_COLOR = {subj: plt.cm.tab10(i) for i, subj in enumerate(SUBJECT_LABEL)}
 
 
@@ -107,7 +109,7 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
     task = [m for m in TASK_ORDER[1:] if (adf["metric"] == m).any() and adf.loc[adf["metric"] == m, "format"].notna().any()]
     model = [m for m in MODEL_ORDER if ((adf["metric"] == m) & adf["format"].isna()).any()]
     known = set(TASK_ORDER) | set(MODEL_ORDER)
-    other = sorted(m for m in set(adf["metric"]) - known if not m.startswith("seconds_"))  # timings: not curves
+    other = sorted(m for m in set(adf["metric"]) - known - COUNTS if not m.startswith("seconds_"))  # timings: not curves
     panels = [("acc", f) for f in formats] + [("task", m) for m in task] + [("model", m) for m in model] + \
              [("other", m) for m in other]
     cols = 4
@@ -151,15 +153,15 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
             for subj, s in adf[(adf["metric"] == name) & adf["format"].isna()].groupby("subject", dropna=False):
                 subj = None if pd.isna(subj) else subj
                 s = s.groupby("generation")["value"].last().sort_index()
-                ax.plot(s.index, s.values, "o-", ms=3, color=SUBJECT_COLOR.get(subj),
-                        label=SUBJECT_LABEL.get(subj, str(subj)))
+                label = "all facts" if subj is None and name == "synthetic_fact_error" else SUBJECT_LABEL.get(subj, str(subj))
+                ax.plot(s.index, s.values, "o-", ms=3, color=SUBJECT_COLOR.get(subj), label=label)
             mc = arm_stages.get("model_centric", {})
             warned = mc.get("warnings", {}).get(name)
             if warned is not None:  # warnings count models; model w's text is generation w+1's row
                 shift = str(mc.get("sources", {}).get(name, {}).get("written_by", "")).startswith("model g-1")
                 ax.axvline(warned + shift, color="black", ls="--", lw=0.9, label=f"model-centric warning (model {warned})")
             ax.set_title(name.replace("_", " ") + (" (model-centric)" if kind == "model" else ""), fontsize=9)
-            if not legend_done.get(kind):
+            if not legend_done.get(kind) or name == "synthetic_fact_error":  # its own lines: facts by split
                 ax.legend(fontsize=6)
         legend_done[kind] = True  # colours are the same in every panel: one legend per kind of panel
         ax.set_xlabel("generation", fontsize=8)

@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 from kcollapse import corpus as corpus_mod
 from kcollapse import organism, provenance, train, workers
 from kcollapse.organism import letters
+from kcollapse.organism.factcheck import FactChecker
 from kcollapse.config import ExperimentConfig
 from kcollapse.errors import UserError
 from kcollapse.evaluate import evaluate, load_benchmark
@@ -74,10 +75,9 @@ def write_config(cfg: ExperimentConfig, out: Path, extra: dict) -> None:
 def prepare(cfg: ExperimentConfig):
     """Everything a run needs before it writes a file: the gen-0 model path, texts, benchmark. Bad input fails here."""
     extra: dict = {}
-    organism_corpus = organism_benchmark = world = cache = None
-    if cfg.model == "organism" or cfg.corpus.path == "organism" or cfg.eval.benchmark == "organism":
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else organism.default_cache_dir()
-        world = organism.build_world(cfg.organism, cache)
+    organism_corpus = organism_benchmark = None
+    cache, world = organism_world(cfg)
+    if world is not None:
         organism_corpus, organism_benchmark = world.corpus_path, world.benchmark_path
         extra["organism_sources"] = world.sources
     for field in ("judge_model", "gibberish_model"):  # loaded only at evaluation: check before anything is written
@@ -94,6 +94,14 @@ def prepare(cfg: ExperimentConfig):
     else:  # a .gguf file or a packaged model is converted once to a cached safetensors checkpoint
         model_path = resolve_model(cfg.model, cfg.cache_dir)
     return model_path, texts, items, extra
+
+
+def organism_world(cfg: ExperimentConfig):
+    """(cache dir, the organism's world) when the run uses the organism's model, corpus or benchmark, else (None, None)."""
+    if not (cfg.model == "organism" or cfg.corpus.path == "organism" or cfg.eval.benchmark == "organism"):
+        return None, None
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else organism.default_cache_dir()
+    return cache, organism.build_world(cfg.organism, cache)  # built once, then read from the cache
 
 
 def _letter_pool(cfg: ExperimentConfig, world, n_corpus: int) -> list[corpus_mod.Text]:
@@ -116,6 +124,7 @@ class Setup:
     reference_vocab: set[str]  # the words of the generation-0 training texts (fluency)
     pools: dict  # arm name -> the blocks its generations draw from
     extra: dict  # for run.json
+    fact_checker: FactChecker | None  # the synthetic text's claims against the world (an organism-corpus run)
 
 
 def setup(cfg: ExperimentConfig) -> Setup:
@@ -125,8 +134,10 @@ def setup(cfg: ExperimentConfig) -> Setup:
     train_texts, heldout = corpus_mod.split_heldout(texts, cfg.corpus, cfg.seed)
     blocks = corpus_mod.make_blocks(tokenizer, train_texts, cfg.block_tokens, cfg.corpus.min_block_tokens)
     pools = {a.name: corpus_mod.arm_pool(blocks, a, tokenizer, cfg.corpus, cfg.block_tokens) for a in cfg.arms}
+    world = organism_world(cfg)[1] if cfg.corpus.path == "organism" else None
+    checker = FactChecker(read_jsonl(world.facts_path)) if world is not None else None
     return Setup(str(model_path), model0, tokenizer, items, [t.text for t in heldout],
-                 vocabulary([t.text for t in train_texts]), pools, extra)
+                 vocabulary([t.text for t in train_texts]), pools, extra, checker)
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
@@ -311,6 +322,8 @@ class Runner:
         rows = self._evaluate(self.model_for(arm.name, g), self.run.gen_dir(arm.name, g) / "answers",
                               own=[r["text"] for r in mixes[-1]],
                               synthetic=[r["text"] for r in mixes[-1] if r["source"] == "synthetic"])
+        if self.s.fact_checker is not None and any(r["source"] == "synthetic" for r in mixes[-1]):
+            rows += self.s.fact_checker.check(mixes[-1]).rows()
         rows += [_row(k, v) for k, v in numbers.items()] + [_row("seconds_eval", time.time() - t0)]
         write_jsonl(self.run.gen_dir(arm.name, g) / "metrics.jsonl", rows)
 

@@ -300,8 +300,9 @@ ANSWERS_SUBJECT = "answers"  # fluency of the free-text answers of model g (the 
 
 
 def written_by_previous(metric: str, subject: str | None) -> bool:
-    """Does this metric row at generation g describe text written by the generation g-1 model?"""
-    return subject == "synthetic" or (subject is None and metric in TEXT_METRICS)
+    """Does this metric row at generation g describe text written by the generation g-1 model? (`synthetic_*`
+    metrics, the fact check of organism/factcheck.py, do whatever their subject.)"""
+    return subject == "synthetic" or metric.startswith("synthetic_") or (subject is None and metric in TEXT_METRICS)
 
 
 def _model_centric(df: pd.DataFrame, arm: str, rules: StageRules) -> dict:

@@ -205,7 +205,7 @@ def run_on_ray(trials: list[Trial], address: str | None, cpus_per_trial: int, be
 # ------------------------------------------------------------------------------------------------ summary
 
 MODEL_METRICS = ["perplexity_heldout", "entropy", "distinct_1", "distinct_2", "repetition_rate",
-                 "train_tokens"]
+                 "synthetic_fact_error", "synthetic_letter_mismatch", "train_tokens"]  # fact check: organism corpus
 
 
 def summary_frame(trials: list[Trial]) -> pd.DataFrame:

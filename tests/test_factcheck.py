@@ -13,7 +13,7 @@ import pytest
 from kcollapse.config import LetterSkill, OrganismConfig
 from kcollapse.io import read_jsonl
 from kcollapse.organism import build_world, letters
-from kcollapse.organism.factcheck import FactChecker, written_from
+from kcollapse.organism.factcheck import FactChecker, model_text
 from kcollapse.organism.world import RELATIONS
 
 
@@ -80,16 +80,27 @@ def test_only_what_the_model_wrote_counts(facts, checker):
     f, g = [x for x in facts if x["relation"] == "capital"][:2]
     false_in_prompt = f"The capital of {f['entity']} is {g['answer']}. "
     record = _written(f"The capital of {g['entity']} is {g['answer']}.", prompt=false_in_prompt)
-    assert written_from(record) == len(false_in_prompt)
-    assert _values(checker.check([record]))[("synthetic_fact_claims", None)] == 1  # the prompt's false claim is not the model's
-    assert _values(checker.check([record]))[("synthetic_fact_error", None)] == 0
-    # a statement the prompt starts and the model finishes is the model's claim
-    straddling = _written(f" is {g['answer']}.", prompt=f"The capital of {f['entity']}")
-    assert _values(checker.check([straddling]))[("synthetic_fact_error", None)] == 1
+    assert model_text(record) == (record["text"], len(false_in_prompt))
+    values = _values(checker.check([record]))
+    assert values[("synthetic_fact_claims", None)] == 1 and values[("synthetic_fact_error", None)] == 0
+    # a statement the prompt starts and the model finishes is the model's claim, whether or not the training text
+    # keeps the prompt (sampling.keep_prompt: false writes the continuation alone)
+    for text in (None, f" is {g['answer']}."):
+        straddling = _written(f" is {g['answer']}.", prompt=f"The capital of {f['entity']}")
+        if text is not None:
+            straddling["text"] = text.strip()
+        assert _values(checker.check([straddling]))[("synthetic_fact_error", None)] == 1
     assert checker.check([{**record, "source": "real"}]).rows()[0]["value"] == 0  # real text is not checked
-    # a chat reply is joined after a space (synthesize.build_mix): the model's part starts at the reply
-    chat = {"text": "Prompt. " + "Reply.", "source": "synthetic", "prompt": "Prompt.", "continuation": " Reply.\n"}
-    assert written_from(chat) == len("Prompt. ")
+    # a record without prompt and continuation is the model's text throughout
+    assert _values(checker.check([{"text": false_in_prompt, "source": "synthetic"}]))[("synthetic_fact_error", None)] == 1
+
+
+def test_a_true_answer_followed_by_more_words_states_the_fact(facts, checker):
+    f = next(x for x in facts if x["relation"] == "capital" and " " not in x["answer"])
+    other = next(x for x in facts if x["relation"] == "capital" and x["answer"].startswith(f["answer"]) is False)
+    says = lambda rest: checker.claims(f"The capital of {f['entity']} is {rest}.")[0][2]  # noqa: E731
+    assert says(f["answer"]) and says(f"{f['answer']}, its largest city") and says(f"{f['answer']} with many people")
+    assert not says(f"{f['answer']}-on-Sea") and not says(other["answer"]) and not says(f"{other['answer']}, {f['answer']}")
 
 
 def _other_letter(text: str) -> str:

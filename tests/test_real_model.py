@@ -250,6 +250,9 @@ def test_real_gemma3_270m_knows_facts_and_runs_one_generation(tmp_path):
                   and r["format"] == "cloze" and r["subject"] is None)
     assert cloze0 >= 0.5  # 24 questions with 4 options: chance is 0.25 (measured at 60 questions: 0.77)
     assert any(r["generation"] == 1 and r["metric"] == "accuracy" for r in rows)
+    # the preset's corpus is the organism's world: the text Gemma wrote is fact-checked (organism/factcheck.py)
+    assert {r["subject"] for r in rows if r["generation"] == 1 and r["metric"] == "synthetic_fact_claims"} == {
+        None, "split:train", "split:heldout"}
     answers = [json.loads(line) for f in (out / "gen_0" / "answers").glob("*__cloze.jsonl")
                for line in f.read_text().splitlines()]
     assert sum(bool(a["answer_text"]) for a in answers) >= len(answers) // 2  # real answers, not blank lines

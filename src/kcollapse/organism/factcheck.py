@@ -6,15 +6,16 @@ text. On the organism's world the truth is known (facts.jsonl) and every way the
 whose entity has that relation is a claim about the fact, right or wrong. Lettered exercises are checked for their
 own consistency: "Answer: B. Paris" must name the option that B labels, the indirection that the letter formats
 test. Only what the model wrote counts (a claim whose answer ends after the prompt it was given, an "Answer:" line
-after it), and claims are counted per split of the facts, so held-out facts, which the loop's text states in
+after it; read in the prompt's context, kept in the training text or not), and claims are counted per split of the facts, so held-out facts, which the loop's text states in
 prose alone, have their own error rate.
 
 The loop writes, per generation and arm with synthetic text, `synthetic_fact_claims` and `synthetic_fact_error`
 (subject null, "split:train", "split:heldout") and `synthetic_lettered_answers` and `synthetic_letter_mismatch`
 (docs/CONTRACTS.md): rows at generation g describe the text model g-1 wrote. Any model run on the organism's world
 gets them (the organism, or a real model with `corpus: organism`). Measured (README, "What each model writes"): the
-default organism's alpha 1.0 text goes from 0.11 to 0.42 false claims in ten generations as its short answers fall;
-the letter-skilled organism's stays at 0.06-0.13 while its lettered answers drift from their options (0.14 -> 0.28).
+default organism's alpha 1.0 text goes from 0.11 to 0.40 false claims in ten generations as its short answers fall;
+the letter-skilled organism's stays at 0.06-0.13 while its lettered answers drift from their options (0.14 -> 0.28);
+Gemma 3 270M's generation-0 text: 24 of 47 claims false.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class FactChecker:
                     continue
                 entity, answer = (m.group(k).replace(HIDDEN_DOT, ".") for k in ("e", "a"))
                 if (rel, entity) in self.truth:
-                    found.append((rel, entity, answer in self.truth[rel, entity][0], start + m.end("a")))
+                    found.append((rel, entity, states(answer, self.truth[rel, entity][0]), start + m.end("a")))
                     break
         return found
 
@@ -100,7 +101,7 @@ class FactChecker:
         for rec in records:
             if rec.get("source") != "synthetic":
                 continue
-            text, written = rec["text"], written_from(rec)
+            text, written = model_text(rec)
             for rel, entity, true, end in self.claims(text):
                 if end > written:
                     split = self.truth[rel, entity][1]
@@ -117,10 +118,17 @@ class FactChecker:
         return tally
 
 
-def written_from(record: dict) -> int:
-    """Where the model's own writing starts in a synthetic record's text (after its prompt, when it is kept)."""
-    text, cont = record["text"], record.get("continuation")
-    for tail in ((cont, cont.strip()) if cont is not None else ()):
-        if text.endswith(tail):
-            return len(text) - len(tail)
-    return 0  # no continuation recorded (or the prompt not kept): all of it is the model's
+def states(answer: str, truth: set[str]) -> bool:
+    """Does a claimed answer state the fact? Exactly, or the true answer followed by more words ("Maputo, the capital
+    of the Republic of Mozambique", "Louisville with 1 million residents"); "Guinea-Bissau" does not state "Guinea"."""
+    return any(answer == t or (answer.startswith(t) and answer[len(t)] in " ,;(") for t in truth)
+
+
+def model_text(record: dict) -> tuple[str, int]:
+    """(the text a synthetic record's model wrote in context, where its own writing starts): prompt + continuation
+    when both are recorded (synthesize.build_mix), so that "Mongolia's capital city is" + " Ulaanbaatar." is the model's
+    claim whether or not the training text keeps the prompt (`sampling.keep_prompt`); else the training text."""
+    prompt, cont = record.get("prompt"), record.get("continuation")
+    if prompt is None or cont is None:
+        return record["text"], 0
+    return prompt + cont, len(prompt)

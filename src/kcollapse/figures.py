@@ -34,8 +34,8 @@ MODEL_ORDER = ["perplexity", "perplexity_heldout", "entropy", "entropy_std", "di
                "repetition_rate", "fluency", "synthetic_fact_error", "synthetic_letter_mismatch"]
 SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part", "answers": "free-text answers",
                  "split:train": "training facts", "split:heldout": "held-out facts"}
-# one colour per text source in every panel, whichever sources a metric has
 COUNTS = {"synthetic_fact_claims", "synthetic_lettered_answers"}  # the denominators of two rates: not curves
+# one colour per text source in every panel, whichever sources a metric has
 SUBJECT_COLOR = {subj: plt.cm.tab10(i) for i, subj in enumerate(SUBJECT_LABEL)}
 
 

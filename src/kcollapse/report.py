@@ -276,7 +276,8 @@ def compare_command(run_dirs: list[Path], out: Path) -> Path:
                     lines[line(r, a)] = s.groupby("generation")["value"].last()
             if lines:
                 panels.append((f"{what} · {fmt}", lines))
-    for metric in ["perplexity", "perplexity_heldout", "entropy", "distinct_2", "repetition_rate", "fluency"]:
+    for metric in ["perplexity", "perplexity_heldout", "entropy", "distinct_2", "repetition_rate", "fluency",
+                   "synthetic_fact_error"]:
         lines = {}
         for (r, a), g in all_df[(all_df["metric"] == metric) & all_df["format"].isna()].groupby(["run", "arm"]):
             s = g[g["subject"] == "synthetic"] if (g["subject"] == "synthetic").any() else g[g["subject"].isna()]

@@ -6,8 +6,8 @@ text. On the organism's world the truth is known (facts.jsonl) and every way the
 whose entity has that relation is a claim about the fact, right or wrong. Lettered exercises are checked for their
 own consistency: "Answer: B. Paris" must name the option that B labels, the indirection that the letter formats
 test. Only what the model wrote counts (a claim whose answer ends after the prompt it was given, an "Answer:" line
-after it; read in the prompt's context, kept in the training text or not), and claims are counted per split of the facts, so held-out facts, which the loop's text states in
-prose alone, have their own error rate.
+after it; read in the prompt's context, kept in the training text or not), and claims are counted per split of the
+facts, so held-out facts, which the loop's text states in prose alone, have their own error rate.
 
 The loop writes, per generation and arm with synthetic text, `synthetic_fact_claims` and `synthetic_fact_error`
 (subject null, "split:train", "split:heldout") and `synthetic_lettered_answers` and `synthetic_letter_mismatch`

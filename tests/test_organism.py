@@ -185,6 +185,27 @@ def test_gen0_trains_on_its_configured_threads_whatever_the_process_has(tmp_path
     assert same == {(1, 1): False, (1, 2): True, (3, 2): True}  # 1 thread and 2 threads: two different models
 
 
+def test_a_bf16_generation_0_trains_under_autocast_with_eager_attention_and_caches_apart(tmp_path, monkeypatch):
+    """`organism.mixed_precision: bf16`: every phase trains with bf16 autocast, the model with eager attention (bf16
+    SDPA's backward was the slow part), and the build is another model, cached under another key."""
+    from kcollapse import train as train_module
+
+    seen = []
+    real = train_module.finetune
+    monkeypatch.setattr(train_module, "finetune", lambda model, tok, texts, cfg, **kw: seen.append(
+        (cfg.mixed_precision, model.config._attn_implementation)) or real(model, tok, texts, cfg, **kw))
+    plain = OrganismConfig(**{**TINY, "domains": ["chemistry"]})
+    bf16 = plain.model_copy(update={"mixed_precision": "bf16"})
+    world = build_world(plain, tmp_path)
+    assert gen0_module.gen0_key(bf16, world) != gen0_module.gen0_key(plain, world)
+    paths = [ensure_gen0(c, tmp_path, world, progress=False) for c in (bf16, plain)]
+    assert seen[0] == ("bf16", "eager") and seen[1][0] == "no" and seen[1][1] != "eager"
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(p / "model.safetensors")) for p in paths)
+    assert paths[0] != paths[1] and any((a[k] - b[k]).abs().max() > 0 for k in a)
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("KCOLLAPSE_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"

@@ -242,6 +242,11 @@ class OrganismConfig(Strict):
                                "in the cache key (a 1-thread and a 2-thread build of the letter-skilled organism "
                                "differed by up to 0.1 in held-out letter accuracy)")
     letter_skill: LetterSkill | None = Field(None, description="train generation 0 to answer with letters (slower)")
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="generation 0's training: bf16 = matmuls in bfloat16 under autocast and eager attention "
+        "(SDPA's bf16 backward is slow at these shapes); a different model, in the cache key when set. Letters "
+        "preset, measured: generation 0 in 836 s instead of ~1,040, held-out letters 0.83-0.86, but its alpha 0 "
+        "control's few-shot accuracy drifted 0.089 over 10 generations (fp32: 0.032), so presets train in float32")
 
     @field_validator("qa_exercises")
     @classmethod

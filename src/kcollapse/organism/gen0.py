@@ -11,7 +11,8 @@ GEN0_VERSION (bump it when this file's output changes). A second call with the s
 a 2-thread build were different models (4-layer held-out letter accuracy 0.67 against 0.57), so the count is part of
 the config and the key; on the same kind of CPU the same config gives the same generation 0.
 With `organism.letter_skill` set, letters.py's three phases follow the standard training (drill, drill in every
-letter layout, facts + letters): slower, and the lettered formats rise above chance.
+letter layout, facts + letters): slower, and the lettered formats rise above chance. `organism.mixed_precision: bf16`
+trains every phase under bf16 autocast with eager attention (1.4-1.6x faster steps; another model, see config.py).
 
 Tokenizer: words, numbers and single punctuation marks are tokens, and so is a newline (the instruction formats
 are line-structured). The decoder glues punctuation back ("France's capital is Paris.", "d-block", "Answer: A")
@@ -51,6 +52,8 @@ def gen0_key(cfg: OrganismConfig, world: World) -> str:
     spec = {"version": GEN0_VERSION, "world": world.key, **cfg.model_dump(
         include={"vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "steps", "batch_size", "lr", "seed",
                  "train_threads"})}
+    if cfg.mixed_precision != "no":  # only when set: the default organism's key stays as it was
+        spec["mixed_precision"] = cfg.mixed_precision
     if cfg.letter_skill is not None:  # only when set: the skill did not change the default organism's key
         spec["letter_skill"] = cfg.letter_skill.model_dump(mode="json", exclude={"pool_share"})  # the loop's, not gen 0's
         spec["letters_version"] = letters.VERSION
@@ -111,7 +114,10 @@ def build_model(cfg: OrganismConfig, tokenizer):
                         activation_function="gelu_pytorch_tanh",  # GPT-2's gelu_new as one fused op: ~1/3 faster
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    if cfg.mixed_precision == "bf16":  # bf16 SDPA's backward ran 2.7x slower than float32 here; eager attention does not
+        model.config._attn_implementation = "eager"
+    return model
 
 
 def _phases(cfg: OrganismConfig, texts: list[str], facts: list[dict]):
@@ -119,7 +125,7 @@ def _phases(cfg: OrganismConfig, texts: list[str], facts: list[dict]):
     standard one, or the letter skill's three (after the standard one with `facts_first`), drawn from `facts`
     (facts.jsonl rows)."""
     base = dict(method="full", grad_accum=1, chunk_tokens=cfg.n_positions, gradient_checkpointing=False,
-                weight_decay=0.01)
+                weight_decay=0.01, mixed_precision=cfg.mixed_precision)
     standard = TrainConfig(lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size, warmup_ratio=0.05,
                            lr_scheduler="cosine", **base)
     skill = cfg.letter_skill

@@ -316,11 +316,14 @@ def test_the_cached_letter_skilled_generation_0_answers_held_out_facts_in_all_fi
     assert accuracy["short_answer"] >= 0.85 and accuracy["cloze"] >= 0.90, accuracy
 
 
-def test_a_killed_letter_skill_generation_0_resumes_after_its_last_finished_phase(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_a_killed_letter_skill_generation_0_resumes_after_its_last_finished_phase(tmp_path, monkeypatch, precision):
+    """...to the same model as an unbroken build; in bf16 too (the reloaded phase trains with eager attention again)."""
     import torch
     from safetensors.torch import load_file
 
-    tiny = dict(domains=["chemistry"], n_embd=16, n_layer=1, n_head=2, n_positions=32, paragraphs_per_entity=1, steps=2)
+    tiny = dict(domains=["chemistry"], n_embd=16, n_layer=1, n_head=2, n_positions=32, paragraphs_per_entity=1, steps=2,
+                mixed_precision=precision)
     cfg = OrganismConfig(**tiny, letter_skill=LetterSkill(bare_drill_steps=2, drill_steps=2, joint_steps=3,
                                                           drill_batch_size=2, joint_batch_size=2))
     clean = ensure_gen0(cfg, tmp_path / "clean", progress=False)

@@ -114,8 +114,13 @@ def build_model(cfg: OrganismConfig, tokenizer):
                         activation_function="gelu_pytorch_tanh",  # GPT-2's gelu_new as one fused op: ~1/3 faster
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
-    model = GPT2LMHeadModel(config)
-    if cfg.mixed_precision == "bf16":  # bf16 SDPA's backward ran 2.7x slower than float32 here; eager attention does not
+    return with_attention(GPT2LMHeadModel(config), cfg)
+
+
+def with_attention(model, cfg: OrganismConfig):
+    """`model` set to the attention its training uses: eager under bf16 (bf16 SDPA's backward ran 2.7x slower than
+    float32 here), also when a resumed build reloads a finished phase, so it trains as an unbroken one did."""
+    if cfg.mixed_precision == "bf16":
         model.config._attn_implementation = "eager"
     return model
 
@@ -162,7 +167,7 @@ def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World
     for i, (label, train_cfg, phase_texts, check_formats) in enumerate(phases):
         saved = phase_dir / f"phase-{i}"
         if i < len(phases) - 1 and saved.is_dir():  # save_model renames a finished checkpoint into place
-            model = AutoModelForCausalLM.from_pretrained(saved, use_safetensors=True)
+            model = with_attention(AutoModelForCausalLM.from_pretrained(saved, use_safetensors=True), cfg)
             continue
         options = dict(seed=cfg.seed + i, work_dir=work_dir)
         if check_formats:

@@ -223,8 +223,8 @@ def test_a_letter_skilled_organism_carries_its_letter_texts_into_the_real_pool(t
             "organism.n_layer=1", "organism.n_head=2", "organism.n_positions=32", "organism.steps=2",
             "organism.paragraphs_per_entity=1", f"cache_dir={tmp_path}"]
     skill = "organism.letter_skill={bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
-    _, texts, _, _ = loop.prepare(load_config(preset="default", overrides=[*tiny, skill]))
-    _, plain, _, _ = loop.prepare(load_config(preset="default", overrides=tiny))
+    _, texts, _, _, _ = loop.prepare(load_config(preset="default", overrides=[*tiny, skill]))
+    _, plain, _, _, _ = loop.prepare(load_config(preset="default", overrides=tiny))
     corpus = {t.text for t in plain}
     added = [t for t in texts if t.text not in corpus]
     assert [t.text for t in texts if t.text in corpus] == [t.text for t in plain]
@@ -236,7 +236,7 @@ def test_a_letter_skilled_organism_carries_its_letter_texts_into_the_real_pool(t
     heldout = {RELATIONS[f["relation"]].question.format(e=f["entity"]) for f in facts if f["split"] == "heldout"}
     for t in added:
         assert t.domain in {"geography", "chemistry"} and not any(q in t.text for q in heldout), t
-    _, fewer, _, _ = loop.prepare(load_config(preset="default", overrides=[*tiny, skill[:-1] + ", pool_share: 0.1}"]))
+    _, fewer, _, _, _ = loop.prepare(load_config(preset="default", overrides=[*tiny, skill[:-1] + ", pool_share: 0.1}"]))
     assert abs((len(fewer) - len(plain)) - len(plain) * 0.1 / 0.9) <= 1  # pool_share sets the letter texts' share
 
 
@@ -251,7 +251,7 @@ def test_the_pool_keeps_each_letter_text_whole_and_out_of_the_perplexity_texts(t
             "organism.paragraphs_per_entity=1", f"cache_dir={tmp_path}", "block_tokens=16", "corpus.heldout_share=0.2"]
     skill = "organism.letter_skill={bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
     cfg = load_config(preset="default", overrides=[*tiny, skill])
-    _, texts, _, _ = loop.prepare(cfg)
+    _, texts, _, _, _ = loop.prepare(cfg)
     s = loop.setup(cfg)
     letter_texts = [t.text for t in texts if t.whole]
     assert letter_texts and s.heldout and not set(s.heldout) & set(letter_texts)

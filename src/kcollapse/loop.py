@@ -73,7 +73,8 @@ def write_config(cfg: ExperimentConfig, out: Path, extra: dict) -> None:
 
 
 def prepare(cfg: ExperimentConfig):
-    """Everything a run needs before it writes a file: the gen-0 model path, texts, benchmark. Bad input fails here."""
+    """Everything a run needs before it writes a file: the gen-0 model path, texts, benchmark, run.json extras and the
+    organism's world (None when the run does not use it). Bad input fails here."""
     extra: dict = {}
     organism_corpus = organism_benchmark = None
     cache, world = organism_world(cfg)
@@ -93,7 +94,7 @@ def prepare(cfg: ExperimentConfig):
         model_path = organism.ensure_gen0(cfg.organism, cache, world)
     else:  # a .gguf file or a packaged model is converted once to a cached safetensors checkpoint
         model_path = resolve_model(cfg.model, cfg.cache_dir)
-    return model_path, texts, items, extra
+    return model_path, texts, items, extra, world
 
 
 def organism_world(cfg: ExperimentConfig):
@@ -128,14 +129,13 @@ class Setup:
 
 
 def setup(cfg: ExperimentConfig) -> Setup:
-    model_path, texts, items, extra = prepare(cfg)
+    model_path, texts, items, extra, world = prepare(cfg)
     model0, tokenizer = load_model(model_path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                    tokenizer_path=cfg.tokenizer)
     train_texts, heldout = corpus_mod.split_heldout(texts, cfg.corpus, cfg.seed)
     blocks = corpus_mod.make_blocks(tokenizer, train_texts, cfg.block_tokens, cfg.corpus.min_block_tokens)
     pools = {a.name: corpus_mod.arm_pool(blocks, a, tokenizer, cfg.corpus, cfg.block_tokens) for a in cfg.arms}
-    world = organism_world(cfg)[1] if cfg.corpus.path == "organism" else None
-    checker = FactChecker(read_jsonl(world.facts_path)) if world is not None else None
+    checker = FactChecker(read_jsonl(world.facts_path)) if cfg.corpus.path == "organism" else None
     return Setup(str(model_path), model0, tokenizer, items, [t.text for t in heldout],
                  vocabulary([t.text for t in train_texts]), pools, extra, checker)
 

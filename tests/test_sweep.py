@@ -167,3 +167,24 @@ def test_accelerate_launch_single_process_on_cpu(tiny_gpt2, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "run/state.json").read_text())["complete"] is True
     assert (tmp_path / "run/arms/a/gen_1/model/model.safetensors").exists()
+
+
+def test_warming_an_organism_trial_builds_the_generation_0_its_run_then_uses(tmp_path):
+    """sweep.warm_organism (a Ray task before the trials) builds the world and generation 0 in the trial's cache; the
+    run's own preparation then finds exactly that checkpoint."""
+    from pathlib import Path
+
+    import torch
+
+    from kcollapse import loop
+
+    tiny = ["organism.domains=[chemistry]", "organism.steps=2", "organism.n_embd=16", "organism.n_layer=1",
+            "organism.n_head=2", "organism.n_positions=32", "organism.paragraphs_per_entity=1", f"cache_dir={tmp_path}"]
+    cfg = load_config(preset="quick", overrides=tiny)
+    threads = torch.get_num_threads()
+    try:
+        warmed = Path(sweep.warm_organism(cfg, 1))
+    finally:
+        torch.set_num_threads(threads)  # the task sets its own count: keep this process's for the other tests
+    assert (warmed / "organism.json").is_file() and warmed.parent == tmp_path
+    assert loop.prepare(cfg)[0] == warmed

@@ -139,11 +139,12 @@ def warm_organism(cfg: ExperimentConfig, threads: int) -> str:
     import torch  # deferred: torch is slow to import
 
     from kcollapse import organism  # deferred: pulls in torch
+    from kcollapse.loop import organism_world  # deferred: pulls in torch
 
     torch.set_num_threads(threads)
 
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else organism.default_cache_dir()
-    return str(organism.ensure_gen0(cfg.organism, cache, organism.build_world(cfg.organism, cache)))
+    cache, world = organism_world(cfg)
+    return str(organism.ensure_gen0(cfg.organism, cache, world))
 
 
 def run_on_ray(trials: list[Trial], address: str | None, cpus_per_trial: int, before_start=None) -> list[tuple[Trial, str]]:

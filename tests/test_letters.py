@@ -127,6 +127,7 @@ def test_generation_0_with_the_letter_skill_trains_its_phases_and_caches_apart(t
 @pytest.mark.parametrize("override, expected", [
     ("organism.letter_skill={mix: {prose: 1}}", r"organism\.letter_skill\.mix.*unknown kind"),
     ("organism.letter_skill={joint_steps: 0}", r"organism\.letter_skill\.joint_steps"),
+    ("organism.mixed_precision=fp16", r"organism\.mixed_precision"),
 ])
 def test_bad_letter_skill_settings_name_the_field(override, expected):
     with pytest.raises(UserError, match=expected):

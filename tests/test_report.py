@@ -93,6 +93,33 @@ def test_report_escapes_hostile_text_and_embeds_figures(hostile_report):
     assert json.loads((run / "stages.json").read_text())["arms"]
 
 
+def test_an_arm_figure_keeps_its_title_and_panels_apart(hostile_report, monkeypatch):
+    """The arm figure is laid out by fixed margins (tight_layout measured every tick label: half its time): every
+    panel's title, tick labels and x label stay inside the figure, off the other panels and below the figure title."""
+    from kcollapse import figures
+    from kcollapse.rundir import load_metrics
+
+    run, _ = hostile_report
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or b"")
+    arm_stages = json.loads((run / "stages.json").read_text())["arms"]["alpha_1.0"]
+    df = load_metrics(run)
+    extra = [{"arm": "alpha_1.0", "generation": g, "metric": f"extra_{i}", "value": 1e-4 * g * i, "format": None,
+              "subject": None} for i in range(24) for g in range(8)]  # a tall figure, as a real run's 30 panels
+    figures.arm_figure(pd.concat([df, pd.DataFrame(extra)], ignore_index=True), "alpha_1.0", arm_stages,
+                       run / "unused.png")
+    fig = drawn[0]
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.axison]
+    assert len(boxes) >= 30
+    title = fig._suptitle.get_window_extent(renderer)
+    width, height = fig.bbox.width, fig.bbox.height
+    for i, box in enumerate(boxes):
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= title.y0, (i, box, title)
+        assert not any(box.overlaps(other) for other in boxes[i + 1:]), i
+    assert title.x0 >= 0 and title.y1 <= height
+
+
 def test_report_on_missing_dir():
     with pytest.raises(UserError, match="not found"):
         write_report(Path("/nonexistent/run"))

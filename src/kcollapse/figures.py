@@ -170,8 +170,20 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    _title_above(fig, f"arm {arm}")
+    fig.suptitle(f"arm {arm}", fontsize=12, x=0.01, y=1 - 0.12 / fig.get_figheight(), ha="left", va="top")
+    _grid_layout(fig, rows, cols)
     return _save(fig, path)
+
+
+def _grid_layout(fig, rows: int, cols: int, top: float = 0.55, bottom: float = 0.45, left: float = 0.45,
+                 row_gap: float = 0.7, col_gap: float = 0.45) -> None:
+    """Margins and gaps in inches for a uniform grid of small panels (a title, tick labels and an x label each):
+    what tight_layout finds, without measuring every tick label (on a 9-row arm figure it took 5 of its 8 s)."""
+    width, height = fig.get_size_inches()
+    axes_h = (height - top - bottom - (rows - 1) * row_gap) / rows
+    axes_w = (width - left - 0.1 - (cols - 1) * col_gap) / cols
+    fig.subplots_adjust(left=left / width, right=1 - 0.1 / width, bottom=bottom / height, top=1 - top / height,
+                        hspace=row_gap / axes_h, wspace=col_gap / axes_w)
 
 
 def _title_above(fig, title: str, size: int = 12) -> None:

@@ -267,8 +267,8 @@ def test_the_pool_keeps_each_letter_text_whole_and_out_of_the_perplexity_texts(t
 
 def test_the_letters_preset_is_the_default_experiment_plus_the_letter_skill():
     """...with six layers (in four, held-out recall completes too late for the selection to follow it), the 3,200
-    facts steps its generation 0 was measured with, and loop
-    training on one text per row, as its generation 0 finished (packed chunks moved the control)."""
+    facts steps its generation 0 was measured with, and loop training on one text per row, as its generation 0
+    finished (packed chunks moved the control)."""
     from kcollapse.config import differing_fields
 
     default = load_config(preset="default").model_dump(mode="json")

@@ -112,7 +112,7 @@ def test_an_arm_figure_keeps_its_title_and_panels_apart(hostile_report, monkeypa
     renderer = fig.canvas.get_renderer()
     boxes = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.axison]
     assert len(boxes) >= 30
-    title = fig._suptitle.get_window_extent(renderer)
+    title = next(t for t in fig.texts if t.get_text() == "arm alpha_1.0").get_window_extent(renderer)
     width, height = fig.bbox.width, fig.bbox.height
     for i, box in enumerate(boxes):
         assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= title.y0, (i, box, title)

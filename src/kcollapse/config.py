@@ -234,8 +234,9 @@ class OrganismConfig(Strict):
     n_head: int = Field(4, ge=1)
     n_positions: int = Field(128, ge=16)
     steps: int = Field(2400, ge=1, description="many small steps at a high lr (the facts need updates more than "
-                       "tokens); 3200 entrenched them so far that alpha 1.0 lost 0.12-0.24 of held-out short answers in "
-                       "10 generations across loop seeds, against 0.22-0.43 after 2400 (README, 'How much one run tells')")
+                       "tokens); after 3200 one build's alpha 1.0 lost 0.14-0.24 of held-out short answers in 10 "
+                       "generations across four loop seeds (another build 0.49), after 2400 every build and seed "
+                       "measured lost 0.28-0.43 (README, 'How much one run tells')")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(4e-3, gt=0.0)
     seed: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,9 @@ from kcollapse.io import read_jsonl
 from kcollapse.organism import build_world, ensure_gen0, letters
 from kcollapse.organism.gen0 import build_tokenizer, gen0_key, world_texts
 from kcollapse.organism.world import RELATIONS
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+from kc_cached_gen0 import cached_gen0, heldout_accuracy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -281,37 +285,12 @@ def test_the_letters_preset_is_the_default_experiment_plus_the_letter_skill():
     assert rows <= set(changed) and all(f.startswith("organism.letter_skill.") for f in set(changed) - rows), changed
 
 
-def _cached_letters_gen0():
-    """The default cache's generation 0 of `--preset letters`, or None (it takes 17-24 min to train on 2 threads; not in CI)."""
-    from types import SimpleNamespace
-
-    from kcollapse.organism import default_cache_dir
-    from kcollapse.organism.world import world_key
-
-    cfg = load_config(preset="letters")
-    path = default_cache_dir() / f"gen0-{gen0_key(cfg.organism, SimpleNamespace(key=world_key(cfg.organism)))}"
-    return (cfg, path) if (path / "organism.json").is_file() else (cfg, None)
-
-
-@pytest.mark.skipif(_cached_letters_gen0()[1] is None,
+@pytest.mark.skipif(cached_gen0("letters")[1] is None,
                     reason="no cached letter-skilled generation 0: `kcollapse run --preset letters` trains it (17-24 min)")
 def test_the_cached_letter_skilled_generation_0_answers_held_out_facts_in_all_five_formats():
     """Issue 16's numbers, on held-out facts (stated in prose only): >= 0.60 in each letter format (chance 0.25),
     short answer >= 0.85, cloze >= 0.90."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kcollapse.evaluate import evaluate, load_benchmark
-    from kcollapse.organism import default_cache_dir
-
-    cfg, path = _cached_letters_gen0()
-    world = build_world(cfg.organism, default_cache_dir())
-    eval_cfg = cfg.eval.model_copy(update={"split": "heldout", "free_text": False})
-    items = load_benchmark(eval_cfg, world.benchmark_path)
-    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    with torch.no_grad():
-        rows = evaluate(model, tok, eval_cfg, items, use_chat_template=False)
-    accuracy = {r["format"]: r["value"] for r in rows if r["metric"] == "accuracy" and r["subject"] is None}
+    accuracy, items = heldout_accuracy(*cached_gen0("letters"))
     assert sum(i.get("split") == "heldout" for i in items) >= 250
     for fmt in letters.letter_formats():
         assert accuracy[fmt] >= 0.60, accuracy

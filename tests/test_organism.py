@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,9 @@ from kcollapse.organism import gen0 as gen0_module
 from kcollapse.organism.factcheck import FactChecker
 from kcollapse.organism.facts import load_facts
 from kcollapse.stages import classify_run
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+from kc_cached_gen0 import cached_gen0, heldout_accuracy  # noqa: E402
 
 DOMAINS = ["geography", "us_states", "chemistry"]
 TINY = dict(steps=3, n_embd=16, n_layer=1, n_head=2, n_positions=32, batch_size=4, paragraphs_per_entity=1)
@@ -296,39 +301,14 @@ def test_real_pool_carries_what_gen0_trained_on_in_the_same_proportions(tmp_path
     assert shares.get("cloze", 0.0) < gen0["cloze"] / 2  # the filters that this run turns off would skew the pool
 
 
-def _cached_default_gen0():
-    """(config, path) of the default cache's generation 0 of the default recipe, path None when it is not cached (it
-    trains ~4 min on 2 threads: not in CI)."""
-    from types import SimpleNamespace
-
-    from kcollapse.config import load_config
-    from kcollapse.organism.world import world_key
-
-    cfg = load_config()
-    key = gen0_module.gen0_key(cfg.organism, SimpleNamespace(key=world_key(cfg.organism)))
-    path = default_cache_dir() / f"gen0-{key}"
-    return cfg, path if (path / "organism.json").is_file() else None
-
-
-@pytest.mark.skipif(_cached_default_gen0()[1] is None,
+@pytest.mark.skipif(cached_gen0("default")[1] is None,
                     reason="no cached default generation 0: `kcollapse run` trains it (~4 min)")
 def test_the_cached_default_generation_0_knows_its_held_out_facts():
     """The 2,400-step generation 0 (README, 'How much one run tells': 0.91-0.94 held-out short answer, 0.93-0.96 cloze
     in two builds) still knows the facts it read only in prose: short answer >= 0.85, cloze >= 0.90, as issue 16 asks of
     every generation 0; the letter formats stay near chance (0.25) without the letter skill."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kcollapse.evaluate import evaluate, load_benchmark
-
-    cfg, path = _cached_default_gen0()
-    world = build_world(cfg.organism, default_cache_dir())
-    eval_cfg = cfg.eval.model_copy(update={"split": "heldout", "free_text": False})
-    items = load_benchmark(eval_cfg, world.benchmark_path)
-    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    with torch.no_grad():
-        rows = evaluate(model, tok, eval_cfg, items, use_chat_template=False)
-    accuracy = {r["format"]: r["value"] for r in rows if r["metric"] == "accuracy" and r["subject"] is None}
+    cfg, path = cached_gen0("default")
+    accuracy, _ = heldout_accuracy(cfg, path)
     assert json.loads((path / "organism.json").read_text())["organism"]["steps"] == 2400
     assert accuracy["short_answer"] >= 0.85 and accuracy["cloze"] >= 0.90, accuracy
     assert all(accuracy[f] < 0.40 for f in ("multiple_choice", "multiple_choice_few_shot", "no_instruction")), accuracy

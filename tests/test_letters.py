@@ -121,11 +121,81 @@ def test_generation_0_with_the_letter_skill_trains_its_phases_and_caches_apart(t
     ensure_gen0(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"bare_drill_steps": 0})}), tmp_path,
                 progress=False)
     assert [steps for steps, _, _ in calls] == [3, 3, 4]  # a phase of 0 steps is skipped
+    calls.clear()
+    answer_only = cfg.model_copy(update={"letter_skill": skill.model_copy(update={"drill_loss": "answer"})})
+    ensure_gen0(answer_only, tmp_path, progress=False)
+    bare, drill, joint = (texts for _, _, texts in calls[1:])  # the drills as (prompt, answer): trained on the answer
+    assert all(re.fullmatch(r" [A-D]\. .+", answer) and prompt.endswith("\nAnswer:") for prompt, answer in bare + drill)
+    assert all(prompt.startswith("Which option is") for prompt, _ in bare) and all(isinstance(t, str) for t in joint)
+    assert gen0_key(answer_only, world) != gen0_key(cfg, world)
     calls.clear(), checked.clear()
     ensure_gen0(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"facts_first": False,
                                                                                 "drill_target": None})}),
                 tmp_path, progress=False)
     assert [steps for steps, _, _ in calls] == [2, 3, 4] and checked == [False] * 3  # drill from scratch, every step
+
+
+def test_answer_only_drill_texts_are_the_drill_texts_cut_after_answer(facts):
+    texts = letters.drill_texts(facts, letters.letter_formats(), 60, random.Random(3))
+    pairs = letters.drill_texts(facts, letters.letter_formats(), 60, random.Random(3), answer_only=True)
+    assert [prompt + answer for prompt, answer in pairs] == texts  # the same items, drawn alike
+    for (prompt, answer), text in zip(pairs, texts):
+        named, _, letter = _final_item(text)
+        assert prompt.endswith("\nAnswer:") and answer == f" {letter}. {named}"  # the few-shot answers stay prompt
+
+
+def test_a_prompt_and_answer_text_trains_on_its_answer_alone(tokenizer, facts, monkeypatch):
+    """finetune's (prompt, completion) texts: in each bin a text's prompt tokens are no target, its answer's are; the
+    binned loss and gradients are the padded rows' with the prompt masked (the model's own loss)."""
+    import torch
+
+    from kcollapse import lmloss
+    from kcollapse.config import TrainConfig
+    from kcollapse.organism.gen0 import build_model
+
+    pairs = letters.drill_texts(facts, letters.letter_formats(), 8, random.Random(0), answer_only=True)
+    framed = train_module.prompted_rows(tokenizer, pairs, 128)
+    for (ids, n), (prompt, answer) in zip(framed, pairs):
+        assert ids[:n] == tokenizer(prompt)["input_ids"]  # the organism's tokenizer adds no BOS
+        assert tokenizer.decode(ids[n:], skip_special_tokens=True) == answer.strip()
+    batches = []
+    real = train_module._bins
+    monkeypatch.setattr(train_module, "_bins", lambda rows, capacity: batches.append(real(rows, capacity)) or batches[-1])
+    model = build_model(OrganismConfig(n_embd=16, n_layer=1, n_head=2, n_positions=128), tokenizer)
+    cfg = TrainConfig(method="full", lr=1e-2, max_steps=2, batch_size=4, grad_accum=1, chunk_tokens=128,
+                      gradient_checkpointing=False, packing=False)
+    train_module.finetune(model, tokenizer, pairs, cfg, seed=0, work_dir=Path(tempfile.mkdtemp()))
+    expected = {tuple(ids): [-100] * n + ids[n:] for ids, n in framed}
+    seen = 0
+    for batch in batches:
+        for b in range(len(batch["input_ids"])):
+            starts = (batch["position_ids"][b] == 0).nonzero()[:, 0].tolist() + [batch["input_ids"].shape[1]]
+            for s, e in zip(starts, starts[1:]):
+                ids = tuple(batch["input_ids"][b, s:e].tolist())
+                if ids in expected:
+                    assert batch["labels"][b, s:e].tolist() == expected[ids]
+                    seen += 1
+    assert seen == 8
+    with pytest.raises(ValueError, match="packing: false"):
+        train_module.finetune(model, tokenizer, pairs, cfg.model_copy(update={"packing": True}), seed=0,
+                              work_dir=Path(tempfile.mkdtemp()))
+
+    model.config.use_cache = False
+    model.train()
+    chunks = train_module._Chunks([ids for ids, _ in framed[:4]], [n for _, n in framed[:4]])
+    padded, binned = train_module._collate(list(chunks)), real(list(chunks), 128)
+    model.zero_grad()
+    want = model(**padded).loss
+    want.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = lmloss.causal_lm_loss(model, binned["input_ids"], binned["labels"], position_ids=binned["position_ids"])
+    got.backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))
+    prompt = (padded["labels"] == -100) & padded["attention_mask"].bool()
+    padded["labels"][prompt] = padded["input_ids"][prompt]
+    assert not torch.allclose(model(**padded).loss, want)  # the prompt's tokens would have changed it
 
 
 @pytest.mark.parametrize("override, expected", [

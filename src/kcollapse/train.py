@@ -3,7 +3,8 @@
 The paper fine-tunes the full model (lr 1e-5, 0.5 epoch, 512-token chunks, batch 1 x grad-accum 4, weight decay
 0.01, gradient checkpointing); LoRA through `peft` is one setting away and is merged back into the weights, so the
 next generation starts from an ordinary checkpoint. Texts are joined with EOS and cut into equal chunks, as in
-causal-LM pre-training, so no compute goes to padding. The loss is computed from hidden states in vocabulary
+causal-LM pre-training, so no compute goes to padding; or one text per row (`packing: false`), where a (prompt,
+completion) text is trained on its completion alone. The loss is computed from hidden states in vocabulary
 chunks where the head allows it (lmloss.py): at a 262k vocabulary full logits would dominate memory.
 `mixed_precision: bf16` runs a float32 model's matmuls in bfloat16 under autocast (the CPUs' bf16 matmuls are ~4x
 their fp32 ones); weights, gradients and the optimizer stay float32.
@@ -22,39 +23,65 @@ from kcollapse.config import TrainConfig
 from kcollapse.models import bos_prefix
 
 
-def _framed(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Each text's ids opened with BOS when the tokenizer adds one (as in pre-training) and closed with EOS."""
+Text = str | tuple[str, str]  # a text, or (prompt, completion): the loss reads the completion's tokens only
+
+
+def _framed(tokenizer, texts: list[Text]) -> list[tuple[list[int], int]]:
+    """Each text's ids opened with BOS when the tokenizer adds one (as in pre-training) and closed with EOS, and how
+    many of its first ids are BOS and prompt (no loss). A (prompt, completion) pair is tokenised in two parts, as the
+    scoring engine tokenises a prompt and its answer, so the trained ids are the ones an answer is scored on."""
     eos, bos = tokenizer.eos_token_id, bos_prefix(tokenizer)
     tail = [eos] if eos is not None else []
-    return [bos + ids + tail for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    prompts = [t[0] if isinstance(t, tuple) else "" for t in texts]
+    bodies = [t[1] if isinstance(t, tuple) else t for t in texts]
+    encoded = tokenizer(bodies + [p for p in prompts if p], add_special_tokens=False)["input_ids"]
+    prompt_ids = iter(encoded[len(bodies):])
+    framed = []
+    for prompt, body in zip(prompts, encoded[: len(bodies)]):
+        head = bos + (next(prompt_ids) if prompt else [])
+        framed.append((head + body + tail, len(head) if prompt else 0))
+    return framed
 
 
 def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
     """Texts joined (framed by `_framed`) and cut into chunks of `chunk_tokens`; a short tail is dropped unless it is
     all there is."""
-    stream = [i for ids in _framed(tokenizer, texts) for i in ids]
+    stream = [i for ids, _ in _framed(tokenizer, texts) for i in ids]
     chunks = [stream[i : i + chunk_tokens] for i in range(0, len(stream), chunk_tokens)]
     if len(chunks) > 1 and len(chunks[-1]) < chunk_tokens:
         chunks.pop()
     return [c for c in chunks if len(c) > 1]
 
 
-def rows(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
+def rows(tokenizer, texts: list[Text], chunk_tokens: int) -> list[list[int]]:
     """One framed text per row, its last `chunk_tokens` kept: no text attends to another and each starts at position
     0, as a prompt does at evaluation. A batch of rows is trained in bins (`_bins`), so little compute is padding."""
-    return [r for r in (ids[-chunk_tokens:] for ids in _framed(tokenizer, texts)) if len(r) > 1]
+    return [ids for ids, _ in prompted_rows(tokenizer, texts, chunk_tokens)]
+
+
+def prompted_rows(tokenizer, texts: list[Text], chunk_tokens: int) -> list[tuple[list[int], int]]:
+    """`rows`, each with how many of its first ids are prompt (left out of the loss; 0 for a plain text)."""
+    out = []
+    for ids, prompt in _framed(tokenizer, texts):
+        kept = ids[-chunk_tokens:]
+        if len(kept) > 1:
+            out.append((kept, max(0, prompt - (len(ids) - len(kept)))))
+    return out
 
 
 class _Chunks(torch.utils.data.Dataset):
-    def __init__(self, chunks: list[list[int]]):
-        self.chunks = chunks
+    def __init__(self, chunks: list[list[int]], prompt_lengths: list[int] | None = None):
+        self.chunks, self.prompt_lengths = chunks, prompt_lengths
 
     def __len__(self):
         return len(self.chunks)
 
     def __getitem__(self, i):
         ids = torch.tensor(self.chunks[i], dtype=torch.long)
-        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        labels = ids.clone()
+        if self.prompt_lengths:
+            labels[: self.prompt_lengths[i]] = -100
+        return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
 
 
 def _collate(rows: list[dict]) -> dict:
@@ -96,7 +123,7 @@ def _bins(rows: list[dict], capacity: int) -> dict:
             ids = rows[i]["input_ids"]
             n = len(ids)
             input_ids[b, at : at + n] = ids
-            labels[b, at + 1 : at + n] = ids[1:]  # a text's first token is no target: nothing before it is its context
+            labels[b, at + 1 : at + n] = rows[i]["labels"][1:]  # a text's first token is no target: no context
             position_ids[b, at : at + n] = torch.arange(n)
             at += n
         position_ids[b, at:] = torch.arange(width - at)  # the padding tail: a sequence of its own, never a target
@@ -169,17 +196,25 @@ def _trainer_class(chunked: bool, autocast: bool):
     return ChunkedLossTrainer
 
 
-def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int, work_dir: Path, progress=None,
+def finetune(model, tokenizer, texts: list[Text], cfg: TrainConfig, *, seed: int, work_dir: Path, progress=None,
              stop_when=None, check_every: int = 250):
-    """Train `model` on `texts` and return it (LoRA adapters merged), in eval mode. `stop_when(model) -> bool`, if
-    given, is asked every `check_every` steps and ends training early when true (a skill reached; see gen0)."""
+    """Train `model` on `texts` and return it (LoRA adapters merged), in eval mode. A (prompt, completion) text is
+    trained on its completion only (one text per row: `packing: false`). `stop_when(model) -> bool`, if given, is
+    asked every `check_every` steps and ends training early when true (a skill reached; see gen0)."""
     from transformers import PrinterCallback, TrainingArguments  # deferred: transformers is slow to import
     from transformers.utils import logging as hf_logging  # deferred: transformers is slow to import
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    chunks = (pack if cfg.packing else rows)(tokenizer, texts, cfg.chunk_tokens)
+    prompted = any(isinstance(t, tuple) for t in texts)
+    if prompted and cfg.packing:
+        raise ValueError("(prompt, completion) texts train one text per row: set packing: false")
+    if cfg.packing:
+        chunks, prompt_lengths = pack(tokenizer, texts, cfg.chunk_tokens), None
+    else:
+        framed = prompted_rows(tokenizer, texts, cfg.chunk_tokens)
+        chunks, prompt_lengths = [ids for ids, _ in framed], [n for _, n in framed]
     if not chunks:
         raise ValueError("nothing to train on: the training texts are empty")
     device = next(model.parameters()).device
@@ -203,7 +238,8 @@ def finetune(model, tokenizer, texts: list[str], cfg: TrainConfig, *, seed: int,
         use_cpu=device.type == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
         bf16=next(model.parameters()).dtype == torch.bfloat16 or (autocast and not chunked),
     )
-    trainer = _trainer_class(chunked, autocast)(model=model, args=args, train_dataset=_Chunks(chunks),
+    dataset = _Chunks(chunks, prompt_lengths if prompted else None)
+    trainer = _trainer_class(chunked, autocast)(model=model, args=args, train_dataset=dataset,
                                                 data_collator=_collate if cfg.packing else partial(_bins, capacity=cfg.chunk_tokens))
     trainer.remove_callback(PrinterCallback)  # the run records its own metrics; no dicts on stdout
     if stop_when is not None:

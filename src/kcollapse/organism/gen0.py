@@ -55,7 +55,10 @@ def gen0_key(cfg: OrganismConfig, world: World) -> str:
     if cfg.mixed_precision != "no":  # only when set: the default organism's key stays as it was
         spec["mixed_precision"] = cfg.mixed_precision
     if cfg.letter_skill is not None:  # only when set: the skill did not change the default organism's key
-        spec["letter_skill"] = cfg.letter_skill.model_dump(mode="json", exclude={"pool_share"})  # the loop's, not gen 0's
+        # pool_share is the loop's, not generation 0's; drill_loss is keyed only when not "text", what every build
+        # before the field trained, so their keys stay
+        unkeyed = {"pool_share"} if cfg.letter_skill.drill_loss != "text" else {"pool_share", "drill_loss"}
+        spec["letter_skill"] = cfg.letter_skill.model_dump(mode="json", exclude=unkeyed)
         spec["letters_version"] = letters.VERSION
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -144,7 +147,9 @@ def _phases(cfg: OrganismConfig, texts: list[str], facts: list[dict]):
         if steps:
             train_cfg = TrainConfig(lr=skill.drill_lr, max_steps=steps, batch_size=skill.drill_batch_size,
                                     warmup_ratio=0.0, lr_scheduler="constant", packing=False, **base)
-            phases.append((label, train_cfg, letters.drill_texts(facts, formats, steps * skill.drill_batch_size, rng),
+            drill = letters.drill_texts(facts, formats, steps * skill.drill_batch_size, rng,
+                                        answer_only=skill.drill_loss == "answer")
+            phases.append((label, train_cfg, drill,
                            formats if skill.drill_target is not None else None))
     train_cfg = TrainConfig(lr=skill.joint_lr, max_steps=skill.joint_steps, batch_size=skill.joint_batch_size,
                             warmup_ratio=0.01, lr_scheduler="cosine", packing=False, **base)

@@ -28,6 +28,11 @@ default since session 27: the joint phase went from 9.4 to 3.1 min). The drills 
 (held-out cloze 0.97 -> 0.29) and the joint phase brings them back within 1,000 steps; learning the facts first still
 pays: after 1,600 facts steps instead of 3,200 the drills took longer than the steps saved, and with no facts phase
 they took longer still and 2,000 joint steps left the letter formats at chance (short answer 0.47).
+`drill_loss: answer` trains each drill text on its answer alone (" B. Paris", its prompt masked: `train.finetune`'s
+(prompt, completion) texts). Measured (session 30, Intel Xeon, 2,400 facts steps): the joint phase's generation 0
+answered held-out letters 0.85 / 0.80 / 0.85 (short answer 0.98, cloze 1.00), but its facts held so well that alpha 1.0
+lost at most 0.11 in any format in 10 generations, no stage B: a model too robust to show collapse, so the preset
+keeps the plain drill.
 
 The loop's real pool carries letter texts too (`real_pool_texts`), each kept whole as one block: cut into 64-token
 blocks, a few-shot item trained its question without the answer and its answer without the question, and the alpha 0
@@ -97,10 +102,19 @@ def exercise_text(train: dict[str, list[Fact]], fmt_name: str, rng: random.Rando
     return solved(fmt, item, examples), fact.domain
 
 
-def drill_texts(facts: list[dict], formats: list[str], n: int, rng: random.Random) -> list[str]:
-    """`n` fresh drill texts, each in a random layout of `formats`."""
+def drill_texts(facts: list[dict], formats: list[str], n: int, rng: random.Random, *,
+                answer_only: bool = False) -> list[str] | list[tuple[str, str]]:
+    """`n` fresh drill texts, each in a random layout of `formats`; with `answer_only` each as (prompt, answer), the
+    pair that `train.finetune` trains on its answer alone."""
     facts = _facts(facts)
-    return [drill_text(facts, rng.choice(formats), rng)[0] for _ in range(n)]
+    texts = [drill_text(facts, rng.choice(formats), rng)[0] for _ in range(n)]
+    return [prompt_and_answer(t) for t in texts] if answer_only else texts
+
+
+def prompt_and_answer(text: str) -> tuple[str, str]:
+    """A solved letter text cut after its last "Answer:": (the prompt, " B. Paris")."""
+    head, mark, answer = text.rpartition("Answer:")
+    return head + mark, answer
 
 
 def drill_check(tokenizer, facts: list[dict], formats: list[str], target: float, n: int = 200):

@@ -149,7 +149,6 @@ def test_a_prompt_and_answer_text_trains_on_its_answer_alone(tokenizer, facts, m
     binned loss and gradients are the padded rows' with the prompt masked (the model's own loss)."""
     import torch
 
-    from kcollapse import lmloss
     from kcollapse.config import TrainConfig
     from kcollapse.organism.gen0 import build_model
 
@@ -183,16 +182,7 @@ def test_a_prompt_and_answer_text_trains_on_its_answer_alone(tokenizer, facts, m
     model.config.use_cache = False
     model.train()
     chunks = train_module._Chunks([ids for ids, _ in framed[:4]], [n for _, n in framed[:4]])
-    padded, binned = train_module._collate(list(chunks)), real(list(chunks), 128)
-    model.zero_grad()
-    want = model(**padded).loss
-    want.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    got = lmloss.causal_lm_loss(model, binned["input_ids"], binned["labels"], position_ids=binned["position_ids"])
-    got.backward()
-    assert torch.allclose(got, want, atol=1e-5)
-    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))
+    padded, _, want = _bins_train_as_padded_rows(model, chunks, 128, real)
     prompt = (padded["labels"] == -100) & padded["attention_mask"].bool()
     padded["labels"][prompt] = padded["input_ids"][prompt]
     assert not torch.allclose(model(**padded).loss, want)  # the prompt's tokens would have changed it
@@ -212,7 +202,6 @@ def test_bad_letter_skill_settings_name_the_field(override, expected):
 def test_unpacked_training_trains_each_text_alone_in_bins_exactly_as_padded_rows(tokenizer, monkeypatch):
     import torch
 
-    from kcollapse import lmloss
     from kcollapse.config import TrainConfig
     from kcollapse.organism.gen0 import build_model
 
@@ -246,17 +235,28 @@ def test_unpacked_training_trains_each_text_alone_in_bins_exactly_as_padded_rows
     # that finetune uses for this model: no text sees another, nor the padding
     model.config.use_cache = False
     chunks = train_module._Chunks([rows[0], rows[1], rows[0], rows[0]])
-    padded, binned = train_module._collate(list(chunks)), real(list(chunks), 32)
+    _, binned, _ = _bins_train_as_padded_rows(model, chunks, 32, real)
     assert binned["input_ids"].shape == (2, 32)  # the long text fills one bin, the three short ones share the other
+
+
+def _bins_train_as_padded_rows(model, chunks, capacity: int, bins):
+    """Assert that the chunked loss of `chunks` laid into bins has the model's own loss and gradients on them as
+    padded rows; return (the padded batch, the binned one, that loss)."""
+    import torch
+
+    from kcollapse import lmloss
+
+    padded, binned = train_module._collate(list(chunks)), bins(list(chunks), capacity)
     model.zero_grad()
-    expected = model(**padded).loss
-    expected.backward()
+    want = model(**padded).loss
+    want.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     got = lmloss.causal_lm_loss(model, binned["input_ids"], binned["labels"], position_ids=binned["position_ids"])
     got.backward()
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))
+    return padded, binned, want
 
 
 def test_a_drill_phase_ends_once_fresh_drill_items_are_answered_as_well_as_the_target(tokenizer, facts):

@@ -196,7 +196,7 @@ class LetterSkill(Strict):
                               "(the drill then forms sooner)")
     drill_loss: Literal["text", "answer"] = Field(
         "text", description="what a drill text is trained on: every token, or its answer alone (measured with 2,400 "
-        "facts steps: the bare drill formed in 2,250 steps instead of 6,500 and held-out letters reached 0.80-0.85, "
+        "facts steps: the bare drill formed in 3,500 steps instead of 5,500 and held-out letters reached 0.80-0.85, "
         "but alpha 1.0 then lost at most 0.11 in any format; README)")
     drill_lr: float = Field(1e-3, gt=0.0)
     drill_batch_size: int = Field(16, ge=1, description="texts per step (one per row)")

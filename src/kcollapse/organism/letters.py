@@ -30,10 +30,10 @@ pays: after 1,600 facts steps instead of 3,200 the drills took longer than the s
 they took longer still and 2,000 joint steps left the letter formats at chance (short answer 0.47).
 `drill_loss: answer` trains each drill text on its answer alone (" B. Paris", its prompt masked: `train.finetune`'s
 (prompt, completion) texts). Measured (session 30, Intel Xeon, 2,400 facts steps): from the same facts checkpoint the
-bare drill reached 0.98 in 2,250 steps instead of 6,500 (a one-thread torch loop, same items), and generation 0
-answered held-out letters 0.85 / 0.80 / 0.85 (short answer 0.98, cloze 1.00), but its facts held so well that alpha 1.0
-lost at most 0.11 in any format in 10 generations, no stage B: a model too robust to show collapse, so the preset
-keeps the plain drill.
+bare drill reached 0.98 in 3,500 steps instead of 5,500 (2,250 instead of 6,500 in a one-thread torch loop), and
+generation 0 answered held-out letters 0.85 / 0.80 / 0.85 (short answer 0.98, cloze 1.00), but its facts held so well
+that alpha 1.0 lost at most 0.11 in any format in 10 generations, no stage B: a model too robust to show collapse, so
+the preset keeps the plain drill.
 
 The loop's real pool carries letter texts too (`real_pool_texts`), each kept whole as one block: cut into 64-token
 blocks, a few-shot item trained its question without the answer and its answer without the question, and the alpha 0

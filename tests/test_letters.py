@@ -191,6 +191,7 @@ def test_a_prompt_and_answer_text_trains_on_its_answer_alone(tokenizer, facts, m
 @pytest.mark.parametrize("override, expected", [
     ("organism.letter_skill={mix: {prose: 1}}", r"organism\.letter_skill\.mix.*unknown kind"),
     ("organism.letter_skill={joint_steps: 0}", r"organism\.letter_skill\.joint_steps"),
+    ("organism.letter_skill={drill_loss: prompt}", r"organism\.letter_skill\.drill_loss.*'text' or 'answer'"),
     ("organism.mixed_precision=fp16", r"organism\.mixed_precision"),
 ])
 def test_bad_letter_skill_settings_name_the_field(override, expected):

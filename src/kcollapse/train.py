@@ -238,8 +238,7 @@ def finetune(model, tokenizer, texts: list[Text], cfg: TrainConfig, *, seed: int
         use_cpu=device.type == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
         bf16=next(model.parameters()).dtype == torch.bfloat16 or (autocast and not chunked),
     )
-    dataset = _Chunks(chunks, prompt_lengths if prompted else None)
-    trainer = _trainer_class(chunked, autocast)(model=model, args=args, train_dataset=dataset,
+    trainer = _trainer_class(chunked, autocast)(model=model, args=args, train_dataset=_Chunks(chunks, prompt_lengths),
                                                 data_collator=_collate if cfg.packing else partial(_bins, capacity=cfg.chunk_tokens))
     trainer.remove_callback(PrinterCallback)  # the run records its own metrics; no dicts on stdout
     if stop_when is not None:

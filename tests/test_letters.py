@@ -208,9 +208,7 @@ def test_unpacked_training_trains_each_text_alone_in_bins_exactly_as_padded_rows
 
     short, long = "Which option is Fe?", " ".join(["Iron is a metal."] * 20)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (short, long)]
-    framed = train_module.prompted_rows(tokenizer, [short, long], 32)
-    assert [prompt for _, prompt in framed] == [0, 0]  # plain texts: every token after the first is a target
-    rows = [ids for ids, _ in framed]
+    rows = train_module.rows(tokenizer, [short, long], 32)
     assert rows == [ids[0] + [tokenizer.eos_token_id], (ids[1] + [tokenizer.eos_token_id])[-32:]]
     assert len(rows[0]) < 16 and len(rows[1]) == 32
     batches = []

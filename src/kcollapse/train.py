@@ -53,10 +53,14 @@ def pack(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
     return [c for c in chunks if len(c) > 1]
 
 
+def rows(tokenizer, texts: list[Text], chunk_tokens: int) -> list[list[int]]:
+    """One framed text per row, its last `chunk_tokens` kept: no text attends to another and each starts at position
+    0, as a prompt does at evaluation. A batch of rows is trained in bins (`_bins`), so little compute is padding."""
+    return [ids for ids, _ in prompted_rows(tokenizer, texts, chunk_tokens)]
+
+
 def prompted_rows(tokenizer, texts: list[Text], chunk_tokens: int) -> list[tuple[list[int], int]]:
-    """One framed text per row, its last `chunk_tokens` kept, with how many of its first ids are prompt (left out of
-    the loss; 0 for a plain text): no text attends to another and each starts at position 0, as a prompt does at
-    evaluation. A batch of rows is trained in bins (`_bins`), so little compute is padding."""
+    """`rows`, each with how many of its first ids are prompt (left out of the loss; 0 for a plain text)."""
     out = []
     for ids, prompt in _framed(tokenizer, texts):
         kept = ids[-chunk_tokens:]

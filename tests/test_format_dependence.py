@@ -5,7 +5,8 @@ Bigram checkpoints (fixtures/bigram_models.py) answer short_answer from the row 
 row of each statement's own last word, so each format's knowledge is set by hand. Generation 0 knows 22 of 24
 facts in both. Arm "split": short answer forgets 3/4 of them at generation 3 while cloze never does (a real
 format x generation interaction, and a censored cloze onset). Arm "together": both formats forget at generation 3
-(different questions, about the same share). multiple_choice is asked too: a bigram model cannot map letters to
+(different questions, about the same share). Arm "drift": from generation 1 short answer forgets 3 facts (retention
+0.875, short of B) and cloze learns its 2 missing ones: the formats move apart and nothing collapses. multiple_choice is asked too: a bigram model cannot map letters to
 options, so it sits at chance and must be left out as not measurable.
 """
 
@@ -38,6 +39,7 @@ HEALTHY = dict(known=GEN0, cloze_known=GEN0)
 ARMS = {  # generation 1..5 (generation 0 is HEALTHY, shared)
     "split": [HEALTHY, HEALTHY] + [dict(known=KEPT, cloze_known=GEN0)] * 3,
     "together": [HEALTHY, HEALTHY] + [dict(known=KEPT, cloze_known=KEPT_OTHER)] * 3,
+    "drift": [dict(known=GEN0 - {0, 4, 8}, cloze_known=set(range(N_Q)))] * 5,  # apart, neither near B
 }
 RULES = StageRules(n_boot=300)
 
@@ -115,6 +117,15 @@ def test_formats_that_degrade_together_show_no_interaction(result):
     assert on["short_answer"]["generation"] == on["cloze"]["generation"] == 3
     assert d["non_overlapping"] == [] and d["format_dependent"] is False
     assert d["verdict"].startswith("this run found no format dependence")
+
+
+def test_formats_that_move_apart_without_collapsing_are_told_from_a_collapse(result):
+    d = result["arms"]["drift"]["format_dependence"]
+    assert d["interaction"]["accuracy"]["p_value"] < 0.05 and d["non_overlapping"] == []
+    assert not any(d["formats"][f][s]["reached"] for f in ("short_answer", "cloze") for s in ("onset_B", "onset_C"))
+    assert d["format_dependent"] is True and d["verdict"].startswith("format dependence found")
+    assert d["verdict"].endswith("; no format reached B or C (the formats' accuracies moved apart; nothing collapsed)")
+    assert "nothing collapsed" not in result["arms"]["split"]["format_dependence"]["verdict"]
 
 
 def _answers(run: Path, arm: str, formats) -> pd.DataFrame:
@@ -196,7 +207,8 @@ def test_report_shows_the_figure_and_the_verdict(run):
 
     html = write_report(run).read_text()
     assert 'id="format-dependence"' in html and "format dependence found" in html
-    assert 'alt="accuracy per format of arm split, together"' in html and "F(5, 276)" in html
+    assert 'alt="accuracy per format of arm split, together, drift"' in html and "F(5, 276)" in html
+    assert "nothing collapsed" in html  # the drift arm's verdict, as stages wrote it
     assert (run / "figures" / "format_dependence.png").stat().st_size > 5000
 
 

@@ -14,6 +14,7 @@ from kcollapse.config import validate
 from kcollapse.errors import UserError
 from kcollapse.io import read_jsonl
 from kcollapse.loop import run_experiment
+from kcollapse.provenance import verify
 from kcollapse.report import report_after_run
 
 from conftest import DATA, interrupted
@@ -227,6 +228,25 @@ def test_a_run_dir_from_another_config_is_refused(tiny_gpt2, tmp_path):
     changed = validate({**base, "train": {**base["train"], "lr": 0.5}})
     with pytest.raises(UserError, match=r"different config \(train.lr differ\)"):
         run_experiment(changed, tmp_path / "run")
+
+
+def test_more_generations_extend_a_finished_run_to_the_numbers_of_a_longer_run(tiny_gpt2, tmp_path):
+    arms = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0, "mode": "accumulate"}]
+    base = tiny_config(tiny_gpt2, arms, **{"eval.formats": ["multiple_choice", "cloze"]})
+    run_experiment(validate({**base, "generations": 3}), tmp_path / "long")
+    run_experiment(validate({**base, "generations": 1}), tmp_path / "run")
+    assert json.loads((tmp_path / "run/state.json").read_text())["complete"] is True
+    run_experiment(validate({**base, "generations": 3}), tmp_path / "run")
+    pd.testing.assert_frame_equal(stable(tmp_path / "long"), stable(tmp_path / "run"))
+    assert sorted(metrics(tmp_path / "run").generation.unique()) == [0, 1, 2, 3]
+    assert "generations: 3" in (tmp_path / "run/config.yaml").read_text()
+    extended = json.loads((tmp_path / "run/run.json").read_text())["extended"]
+    assert [(e["from_generations"], e["to_generations"]) for e in extended] == [(1, 3)]
+    assert verify(tmp_path / "run") == []  # the recorded config hash is the extended run's
+    with pytest.raises(UserError, match=r"has 3 generations; generations may grow .* not shrink to 2: use a new --out"):
+        run_experiment(validate({**base, "generations": 2}), tmp_path / "run")
+    with pytest.raises(UserError, match=r"different config \(generations, train.lr differ\)"):
+        run_experiment(validate({**base, "generations": 4, "train": {**base["train"], "lr": 0.5}}), tmp_path / "run")
 
 
 def test_missing_corpus_leaves_no_run_directory(tiny_gpt2, tmp_path):

@@ -118,6 +118,14 @@ def test_an_interrupted_trial_resumes_and_finished_trials_are_kept(swept, capsys
     assert (out / "resistance.json").read_text() == saved
 
 
+def test_a_finished_trial_is_unfinished_for_a_sweep_that_asks_for_more_generations(swept):
+    """So re-running a sweep with a larger `generations` extends its trials (the loop's extension) instead of
+    skipping them as done."""
+    _, out, _ = swept
+    for trial in (out / "trials").iterdir():
+        assert sweep.finished(trial) and sweep.finished(trial, 1) and not sweep.finished(trial, 2)
+
+
 def test_a_bad_grid_value_is_one_error_and_writes_nothing(tiny_gpt2, tmp_path):
     config, out = write_config(tmp_path, tiny_gpt2), tmp_path / "sweep"
     for grid, msg in [(["arms.0.synthetic_ratio=0.5,1.5"], r"--grid synthetic_ratio=1.5: arms.0.synthetic_ratio: .*1\.5"),

@@ -146,7 +146,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
     out = Path(out)
     if cfg.threads:  # otherwise every core: generation 0 trains and evaluates here before the arm workers split them
         torch.set_num_threads(cfg.threads)
-    check_run_dir(cfg, out)
+    extends = check_run_dir(cfg, out)
     hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum" while cutting blocks
     start = time.time()
     s = setup(cfg)
@@ -160,6 +160,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path) -> Path:
             console.print(f"[yellow]warning[/]: {escape(name)} differs from the one this run started with "
                           f"(run.json); `kcollapse verify {escape(str(out))}` lists what changed")
         write_config(cfg, out, s.extra | {"model_path": s.model_path})
+        if extends is not None:  # the record follows the config the run now has (`kcollapse verify` checks it)
+            provenance.extend_record(out, cfg, extends)
         run = Run(cfg, out)
         runner = Runner(run, s)
         runner.ensure_gen0_checkpoint(s.model_path)

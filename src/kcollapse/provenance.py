@@ -10,6 +10,8 @@ A collapse curve is only as good as the ability to redo it. Every run records, w
 - `kcollapse`: version, and the git commit (with a dirty flag) when it runs from a checkout;
 - `host`: CPU and GPU model, cores, torch threads, device and dtype.
 
+A run extended to more generations (`kcollapse run` again with a larger `generations`) records the new config's
+hash and, under `extended`, when and from how many generations.
 Each generation directory keeps `times.json` (started, finished; UTC), gathered into run.json's
 `generation_times`. `kcollapse verify RUN_DIR` re-hashes the config, the local inputs and generation 0's weights:
 "ok", or one line per mismatch (exit 1).
@@ -209,6 +211,17 @@ def update_run_json(run_dir: Path, **fields) -> None:
         return
     data = json.loads(path.read_text())
     data.update(generation_times=generation_times(run_dir), **fields)
+    atomic_write_json(path, data)
+
+
+def extend_record(run_dir: Path, cfg, from_generations: int) -> None:
+    """run.json of a run extended to cfg.generations: its config hash is the new config's, and `extended` lists each
+    extension (from, to, when)."""
+    path = Path(run_dir) / "run.json"
+    data = json.loads(path.read_text())
+    data.setdefault("provenance", {})["config_sha256"] = config_sha256(cfg)
+    data.setdefault("extended", []).append({"from_generations": from_generations, "to_generations": cfg.generations,
+                                            "at": now()})
     atomic_write_json(path, data)
 
 

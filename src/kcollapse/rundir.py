@@ -6,7 +6,8 @@
                               /model/ step.json metrics.jsonl answers/<subject>__<format>.jsonl
 
 The loop writes these files; stages, resistance, report, sweep and bench only read them, through this module
-(never through loop.py). A run directory belongs to one config: a run with another config is refused.
+(never through loop.py). A run directory belongs to one config: a run with another config is refused, except
+one with more `generations`, which extends it (the last checkpoint of each arm is kept for that).
 """
 
 from __future__ import annotations
@@ -55,16 +56,23 @@ def check_out(out: Path, what: str = "run directory") -> None:
             break
 
 
-def check_run_dir(cfg: ExperimentConfig, out: Path) -> None:
-    """Refuse a file, or a run directory made with another config (naming the fields that differ)."""
+def check_run_dir(cfg: ExperimentConfig, out: Path) -> int | None:
+    """Refuse a file, or a run directory made with another config (naming the fields that differ). A config that
+    differs only in more `generations` extends the run: the run's earlier generation count is returned, else None."""
     check_out(out)
     saved = Path(out) / "config.yaml"
     if saved.is_file():
         old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved)).model_dump(mode="json")
         diff = differing_fields(old, cfg.model_dump(mode="json"))
+        if diff == ["generations"] and cfg.generations > old["generations"]:
+            return old["generations"]  # each step is seeded by its generation: as in a run that long from the start
+        if diff == ["generations"]:
+            raise UserError(f"{out} has {old['generations']} generations; generations may grow (extending the run), "
+                            f"not shrink to {cfg.generations}: use a new --out")
         if diff:
             raise UserError(f"{out} was made with a different config ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''} "
                             "differ); use a new --out or the same config")
+    return None
 
 
 # ------------------------------------------------------------------------------------------ progress

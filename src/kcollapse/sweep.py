@@ -111,11 +111,13 @@ def plan(config: Path, grid: list[str], seeds: int, cpus_per_trial: int, out: Pa
     return trials
 
 
-def finished(trial_dir: Path) -> bool:
+def finished(trial_dir: Path, generations: int | None = None) -> bool:
+    """The trial's run is complete (with `generations`: that many, so a sweep asked for more extends it)."""
     try:
-        return json.loads((Path(trial_dir) / "state.json").read_text()).get("complete") is True
+        state = json.loads((Path(trial_dir) / "state.json").read_text())
     except (OSError, ValueError):
         return False
+    return state.get("complete") is True and (generations is None or state.get("generations", 0) >= generations)
 
 
 def run_trial(cfg: ExperimentConfig, trial_dir: str, cwd: str) -> str:
@@ -231,7 +233,7 @@ def summary_frame(trials: list[Trial]) -> pd.DataFrame:
         wide = wide.reset_index()
         arms = {a.name: a for a in t.cfg.arms}
         head = {"trial": t.name, **{k: yaml.safe_load(v) for k, v in t.values.items()}, "seed": t.seed,
-                "complete": finished(t.dir)}
+                "complete": finished(t.dir, t.cfg.generations)}
         wide.insert(1, "domain", [arms[a].domain if a in arms else None for a in wide.arm])
         wide.insert(1, "synthetic_ratio", [arms[a].synthetic_ratio if a in arms else None for a in wide.arm])
         for i, (k, v) in enumerate(head.items()):
@@ -277,7 +279,7 @@ def dose_response(points: dict) -> list[dict]:
 def sweep_command(config: Path, grid: list[str], seeds: int, address: str | None, cpus_per_trial: int, out: Path) -> dict:
     config, out = Path(config), Path(out)
     trials = plan(config, grid, seeds, cpus_per_trial, out)
-    todo = [t for t in trials if not finished(t.dir)]
+    todo = [t for t in trials if not finished(t.dir, t.cfg.generations)]
 
     def write_plan(cpus=None):
         where = f" on Ray ({cpus:g} CPUs, {cpus_per_trial} per trial)" if cpus is not None else ""
@@ -334,7 +336,7 @@ def write_report(out: Path, trials: list[Trial], result: dict) -> Path:
     """SWEEP/report.html (templates/sweep.html): self-contained (figures base64), every text escaped."""
     sections = {point: resistance_section(p, f"{point}: ") for point, p in result["points"].items()}
     dose = img(figures.dose_figure(result["dose_response"]), "dose-response") if result["dose_response"] else None
-    body = render("sweep.html", name=out.resolve().name, trials=trials, finished={t.name: finished(t.dir) for t in trials},
+    body = render("sweep.html", name=out.resolve().name, trials=trials, finished={t.name: finished(t.dir, t.cfg.generations) for t in trials},
                   points=list(dict.fromkeys(t.point for t in trials)), seeds=len({t.seed for t in trials}),
                   sections=sections, dose=dose, rows=result["dose_response"],
                   reports={t.name: str(t.dir.relative_to(out)) + "/report.html" for t in trials})

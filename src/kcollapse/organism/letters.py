@@ -34,6 +34,12 @@ bare drill reached 0.98 in 3,500 steps instead of 5,500 (2,250 instead of 6,500 
 generation 0 answered held-out letters 0.85 / 0.80 / 0.85 (short answer 0.98, cloze 1.00), but its facts held so well
 that alpha 1.0 lost at most 0.11 in any format in 10 generations, no stage B: a model too robust to show collapse, so
 the preset keeps the plain drill.
+Mimetic attention init (Trockman & Kolter 2023: W_q W_k^T ~ I, W_v W_o ~ -I from the start) makes the drill form fast,
+but by a shortcut that does not transfer (session 32, 4 layers, one thread): from scratch the bare drill reached 0.94
+in 1,500 steps where GPT-2's init sat at 0.34 after 2,500, and after the facts it took 1,500 steps; yet with both
+drills at 0.97-0.99 and 2,500 joint steps the model answered letter questions at 0.32-0.37 even on its *training*
+facts (held-out 0.27-0.28; the 4-layer builds with GPT-2's init above: 0.48-0.67 held-out). Presumably an option that
+matches the query word token for token flags itself, and a recalled answer is no such token. Not kept.
 
 The loop's real pool carries letter texts too (`real_pool_texts`), each kept whole as one block: cut into 64-token
 blocks, a few-shot item trained its question without the answer and its answer without the question, and the alpha 0

@@ -48,19 +48,27 @@ def _final_item(text: str) -> tuple[str, str, str]:
     return named, listing, letter
 
 
+def _options(listing: str) -> dict[str, str]:
+    """{letter: option text} of an item's option listing, one option a line or all on one line."""
+    return dict(re.findall(r"^([A-D])\. (.+)$", listing, re.M) or re.findall(r"\(([A-D])\) (.+?)(?=  \(|$)", listing))
+
+
+@pytest.mark.parametrize("n_options", [4, 2])
 @pytest.mark.parametrize("fmt", ["multiple_choice", "multiple_choice_few_shot", "no_instruction"])
-def test_drill_letter_points_at_the_option_the_question_names(facts, fmt):
+def test_drill_letter_points_at_the_option_the_question_names(facts, fmt, n_options):
     rng = random.Random(0)
     facts = letters._facts(facts)  # the Facts the world draws options from
-    texts = [letters.drill_text(facts, fmt, rng)[0] for _ in range(400)]
+    texts = [letters.drill_text(facts, fmt, rng, n_options)[0] for _ in range(400)]
     gold = Counter()
     for text in texts:
         named, listing, letter = _final_item(text)
-        options = dict(re.findall(r"^([A-D])\. (.+)$", listing, re.M) or re.findall(r"\(([A-D])\) (.+?)(?=  \(|$)", listing))
-        assert sorted(options) == list("ABCD") and options[letter] == named, text
+        options = _options(listing)
+        assert sorted(options) == list("ABCD"[:n_options]) and options[letter] == named, text
+        assert len(set(options.values())) == n_options  # distinct options, as the world draws them
         gold[letter] += 1
-    assert len(set(texts)) >= 0.95 * len(texts)  # fresh items, not a set to memorise (small answer pools repeat)
-    assert min(gold.values()) >= 70  # the named option's position is spread over A-D
+    fresh = 0.95 if n_options == 4 else 0.85  # fresh items, not a set to memorise (small answer pools repeat)
+    assert len(set(texts)) >= fresh * len(texts)
+    assert min(gold.values()) >= 280 / n_options  # the named option's position is spread over the letters
 
 
 def test_joint_stream_follows_the_mix_and_never_asks_a_heldout_fact(world, facts, tokenizer):
@@ -96,17 +104,19 @@ def test_generation_0_with_the_letter_skill_trains_its_phases_and_caches_apart(t
     checked = []
     tiny = dict(domains=["chemistry"], n_embd=16, n_layer=1, n_head=2, n_positions=32, steps=3, batch_size=2,
                 paragraphs_per_entity=1)
-    skill = LetterSkill(bare_drill_steps=2, drill_steps=3, joint_steps=4, drill_batch_size=2, joint_batch_size=2,
-                        facts_first=True, drill_target=0.9)
+    skill = LetterSkill(two_option_steps=5, bare_drill_steps=2, drill_steps=3, joint_steps=4, drill_batch_size=2,
+                        joint_batch_size=2, facts_first=True, drill_target=0.9)
     cfg = OrganismConfig(**tiny, letter_skill=skill)
     path = ensure_gen0(cfg, tmp_path, progress=False)
-    assert [(steps, lr) for steps, lr, _ in calls] == [(3, 4e-3), (2, 1e-3), (3, 1e-3), (4, 2e-3)]
-    prose, bare, drill, joint = (texts for _, _, texts in calls)
-    assert checked == [False, True, True, False]  # the drill phases end once the drill is mastered
+    assert [(steps, lr) for steps, lr, _ in calls] == [(3, 4e-3), (5, 1e-3), (2, 1e-3), (3, 1e-3), (4, 2e-3)]
+    prose, two, bare, drill, joint = (texts for _, _, texts in calls)
+    assert checked == [False, True, True, True, False]  # the drill phases end once the drill is mastered
     world = build_world(cfg, tmp_path)
     assert prose == [r["text"] for r in read_jsonl(world.corpus_path)]  # the facts first, as the standard organism
-    assert [len(bare), len(drill), len(joint)] == [2 * 2, 3 * 2, 4 * 2]  # one text per row, every one new
-    assert all(t.startswith("Which option is") for t in bare)  # the bare layout: the question comes first
+    assert [len(two), len(bare), len(drill), len(joint)] == [5 * 2, 2 * 2, 3 * 2, 4 * 2]  # one text per row, all new
+    assert all(t.startswith("Which option is") for t in two + bare)  # the bare layout: the question comes first
+    assert all(len(_options(_final_item(t)[1])) == 2 for t in two)  # the curriculum: two options, then four
+    assert all(len(_options(_final_item(t)[1])) == 4 for t in bare + drill)
     assert any(t.startswith("The following") for t in drill) and all("Which option is" in t for t in drill)
     assert any("Which option is" not in t for t in joint) and any("Which option is" in t for t in joint)
     assert (path / "model.safetensors").is_file()
@@ -117,22 +127,26 @@ def test_generation_0_with_the_letter_skill_trains_its_phases_and_caches_apart(t
     assert len(keys) == 3 and path.name == f"gen0-{gen0_key(cfg, world)}"
     pool_only = cfg.model_copy(update={"letter_skill": skill.model_copy(update={"pool_share": 0.1})})
     assert gen0_key(pool_only, world) == gen0_key(cfg, world)  # the loop's pool share does not change generation 0
+    no_two = cfg.model_copy(update={"letter_skill": skill.model_copy(update={"two_option_steps": 0})})
+    assert gen0_key(no_two, world) != gen0_key(cfg, world)
     calls.clear()
     ensure_gen0(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"bare_drill_steps": 0})}), tmp_path,
                 progress=False)
-    assert [steps for steps, _, _ in calls] == [3, 3, 4]  # a phase of 0 steps is skipped
+    assert [steps for steps, _, _ in calls] == [3, 5, 3, 4]  # a phase of 0 steps is skipped
     calls.clear()
     answer_only = cfg.model_copy(update={"letter_skill": skill.model_copy(update={"drill_loss": "answer"})})
     ensure_gen0(answer_only, tmp_path, progress=False)
-    bare, drill, joint = (texts for _, _, texts in calls[1:])  # the drills as (prompt, answer): trained on the answer
-    assert all(re.fullmatch(r" [A-D]\. .+", answer) and prompt.endswith("\nAnswer:") for prompt, answer in bare + drill)
-    assert all(prompt.startswith("Which option is") for prompt, _ in bare) and all(isinstance(t, str) for t in joint)
+    two, bare, drill, joint = (texts for _, _, texts in calls[1:])  # drills as (prompt, answer): trained on the answer
+    assert all(re.fullmatch(r" [A-D]\. .+", answer) and prompt.endswith("\nAnswer:")
+               for prompt, answer in two + bare + drill)
+    assert all(prompt.startswith("Which option is") for prompt, _ in two + bare)
+    assert all(isinstance(t, str) for t in joint)
     assert gen0_key(answer_only, world) != gen0_key(cfg, world)
     calls.clear(), checked.clear()
     ensure_gen0(cfg.model_copy(update={"letter_skill": skill.model_copy(update={"facts_first": False,
                                                                                 "drill_target": None})}),
                 tmp_path, progress=False)
-    assert [steps for steps, _, _ in calls] == [2, 3, 4] and checked == [False] * 3  # drill from scratch, every step
+    assert [steps for steps, _, _ in calls] == [5, 2, 3, 4] and checked == [False] * 4  # from scratch, every step
 
 
 def test_answer_only_drill_texts_are_the_drill_texts_cut_after_answer(facts):
@@ -279,6 +293,8 @@ def test_a_drill_phase_ends_once_fresh_drill_items_are_answered_as_well_as_the_t
         model.lm_head.weight[letter_ids[1], 0] = 5.0
     assert letters.drill_check(tokenizer, facts, ["no_instruction"], 0.1, n=200)(model)
     assert not letters.drill_check(tokenizer, facts, ["no_instruction"], 0.5, n=200)(model)
+    assert letters.drill_check(tokenizer, facts, ["no_instruction"], 0.4, n=200, n_options=2)(model)  # B: half right
+    assert not letters.drill_check(tokenizer, facts, ["no_instruction"], 0.6, n=200, n_options=2)(model)
 
     steps, calls = [], []
     cfg = TrainConfig(method="full", lr=1e-3, max_steps=12, batch_size=2, grad_accum=1, chunk_tokens=64,
@@ -298,7 +314,7 @@ def test_a_letter_skilled_organism_carries_its_letter_texts_into_the_real_pool(t
     tiny = ["organism.domains=[geography, chemistry]", "organism.relations=[capital, symbol]", "organism.n_embd=16",
             "organism.n_layer=1", "organism.n_head=2", "organism.n_positions=32", "organism.steps=2",
             "organism.paragraphs_per_entity=1", f"cache_dir={tmp_path}"]
-    skill = "organism.letter_skill={bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
+    skill = "organism.letter_skill={two_option_steps: 1, bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
     _, texts, _, _, _ = loop.prepare(load_config(preset="default", overrides=[*tiny, skill]))
     _, plain, _, _, _ = loop.prepare(load_config(preset="default", overrides=tiny))
     corpus = {t.text for t in plain}
@@ -325,7 +341,7 @@ def test_the_pool_keeps_each_letter_text_whole_and_out_of_the_perplexity_texts(t
     tiny = ["organism.domains=[geography, chemistry]", "organism.relations=[capital, symbol]", "organism.n_embd=16",
             "organism.n_layer=1", "organism.n_head=2", "organism.n_positions=32", "organism.steps=2",
             "organism.paragraphs_per_entity=1", f"cache_dir={tmp_path}", "block_tokens=16", "corpus.heldout_share=0.2"]
-    skill = "organism.letter_skill={bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
+    skill = "organism.letter_skill={two_option_steps: 1, bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
     cfg = load_config(preset="default", overrides=[*tiny, skill])
     _, texts, _, _, _ = loop.prepare(cfg)
     s = loop.setup(cfg)
@@ -376,8 +392,8 @@ def test_a_killed_letter_skill_generation_0_resumes_after_its_last_finished_phas
 
     tiny = dict(domains=["chemistry"], n_embd=16, n_layer=1, n_head=2, n_positions=32, paragraphs_per_entity=1, steps=2,
                 mixed_precision=precision)
-    cfg = OrganismConfig(**tiny, letter_skill=LetterSkill(bare_drill_steps=2, drill_steps=2, joint_steps=3,
-                                                          drill_batch_size=2, joint_batch_size=2))
+    cfg = OrganismConfig(**tiny, letter_skill=LetterSkill(two_option_steps=2, bare_drill_steps=2, drill_steps=2,
+                                                          joint_steps=3, drill_batch_size=2, joint_batch_size=2))
     clean = ensure_gen0(cfg, tmp_path / "clean", progress=False)
 
     calls = []
@@ -385,14 +401,14 @@ def test_a_killed_letter_skill_generation_0_resumes_after_its_last_finished_phas
 
     def killed_in_the_joint_phase(model, tok, texts, train_cfg, **kw):
         calls.append(train_cfg.max_steps)
-        if len(calls) == 4:
+        if len(calls) == 5:
             raise KeyboardInterrupt
         return real(model, tok, texts, train_cfg, **kw)
 
     monkeypatch.setattr(train_module, "finetune", killed_in_the_joint_phase)
     with pytest.raises(KeyboardInterrupt):
         ensure_gen0(cfg, tmp_path / "killed", progress=False)
-    assert calls == [2, 2, 2, 3] and len(list((tmp_path / "killed").glob(".gen0-*-phases/phase-*"))) == 3
+    assert calls == [2, 2, 2, 2, 3] and len(list((tmp_path / "killed").glob(".gen0-*-phases/phase-*"))) == 4
     calls.clear()
     monkeypatch.setattr(train_module, "finetune", lambda *a, **kw: calls.append(a[3].max_steps) or real(*a, **kw))
     resumed = ensure_gen0(cfg, tmp_path / "killed", progress=False)

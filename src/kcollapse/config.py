@@ -182,10 +182,14 @@ def _check_template(fmt, source: str) -> None:
 
 
 class LetterSkill(Strict):
-    """Generation 0's letter-answer training (organism/letters.py): two drill phases, then the corpus mixed with fresh
-    letter items, each phase one `finetune`, one text per sequence (trained in bins, no text attending to another).
+    """Generation 0's letter-answer training (organism/letters.py): two or three drill phases, then the corpus mixed
+    with fresh letter items, each phase one `finetune`, one text per sequence (trained in bins, no text attending to
+    another).
     With `facts_first` the standard generation-0 training (the organism's `steps`, `lr`, `batch_size`) comes first."""
 
+    two_option_steps: int = Field(0, ge=0, description="a first drill in the no_instruction layout on two-option "
+                                  "items (at most, with drill_target), 0: none. A curriculum: the four-option bare "
+                                  "drill then formed in 1,250 steps instead of 5,500 (README, 'All five formats')")
     bare_drill_steps: int = Field(8000, ge=0, description="drill in the no_instruction layout alone (at most, with "
                                   "drill_target)")
     drill_steps: int = Field(4000, ge=0, description="drill in every letter layout (at most, with drill_target)")

@@ -57,7 +57,9 @@ def gen0_key(cfg: OrganismConfig, world: World) -> str:
     if cfg.letter_skill is not None:  # only when set: the skill did not change the default organism's key
         # pool_share is the loop's, not generation 0's; drill_loss is keyed only when not "text", what every build
         # before the field trained, so their keys stay
-        unkeyed = {"pool_share"} if cfg.letter_skill.drill_loss != "text" else {"pool_share", "drill_loss"}
+        # two_option_steps likewise only when not 0
+        unkeyed = {"pool_share"} | ({"drill_loss"} if cfg.letter_skill.drill_loss == "text" else set()) | (
+            {"two_option_steps"} if cfg.letter_skill.two_option_steps == 0 else set())
         spec["letter_skill"] = cfg.letter_skill.model_dump(mode="json", exclude=unkeyed)
         spec["letters_version"] = letters.VERSION
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -129,9 +131,9 @@ def with_attention(model, cfg: OrganismConfig):
 
 
 def _phases(cfg: OrganismConfig, texts: list[str], facts: list[dict]):
-    """(label, TrainConfig, texts, drill layouts whose mastery ends the phase early or None) per training phase: the
-    standard one, or the letter skill's three (after the standard one with `facts_first`), drawn from `facts`
-    (facts.jsonl rows)."""
+    """(label, TrainConfig, texts, (drill layouts, options) whose mastery ends the phase early or None) per training
+    phase: the standard one, or the letter skill's three or four (after the standard one with `facts_first`), drawn
+    from `facts` (facts.jsonl rows)."""
     base = dict(method="full", grad_accum=1, chunk_tokens=cfg.n_positions, gradient_checkpointing=False,
                 weight_decay=0.01, mixed_precision=cfg.mixed_precision)
     standard = TrainConfig(lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size, warmup_ratio=0.05,
@@ -142,15 +144,18 @@ def _phases(cfg: OrganismConfig, texts: list[str], facts: list[dict]):
     rng = random.Random(f"organism-letters|{cfg.seed}")
     # facts first: from a model that knows them the drill formed in 3.5k-5k steps, from scratch in ~6k (measured)
     phases = [("facts", standard, texts, None)] if skill.facts_first else []
-    for label, steps, formats in (("letter drill, bare layout", skill.bare_drill_steps, [letters.BARE_LAYOUT]),
-                                  ("letter drill, all layouts", skill.drill_steps, letters.letter_formats())):
+    # two options first (opt-in): the four-option bare drill then formed in 1,250 steps instead of 5,500 (session 33)
+    drills = (("letter drill, two options", skill.two_option_steps, [letters.BARE_LAYOUT], 2),
+              ("letter drill, bare layout", skill.bare_drill_steps, [letters.BARE_LAYOUT], 4),
+              ("letter drill, all layouts", skill.drill_steps, letters.letter_formats(), 4))
+    for label, steps, formats, n_options in drills:
         if steps:
             train_cfg = TrainConfig(lr=skill.drill_lr, max_steps=steps, batch_size=skill.drill_batch_size,
                                     warmup_ratio=0.0, lr_scheduler="constant", packing=False, **base)
-            drill = letters.drill_texts(facts, formats, steps * skill.drill_batch_size, rng,
+            drill = letters.drill_texts(facts, formats, steps * skill.drill_batch_size, rng, n_options=n_options,
                                         answer_only=skill.drill_loss == "answer")
             phases.append((label, train_cfg, drill,
-                           formats if skill.drill_target is not None else None))
+                           (formats, n_options) if skill.drill_target is not None else None))
     train_cfg = TrainConfig(lr=skill.joint_lr, max_steps=skill.joint_steps, batch_size=skill.joint_batch_size,
                             warmup_ratio=0.01, lr_scheduler="cosine", packing=False, **base)
     n = skill.joint_steps * skill.joint_batch_size
@@ -169,14 +174,16 @@ def _train(model, tokenizer, texts: list[str], cfg: OrganismConfig, world: World
 
     facts = read_jsonl(world.facts_path) if cfg.letter_skill is not None else []
     phases = _phases(cfg, texts, facts)
-    for i, (label, train_cfg, phase_texts, check_formats) in enumerate(phases):
+    for i, (label, train_cfg, phase_texts, check) in enumerate(phases):
         saved = phase_dir / f"phase-{i}"
         if i < len(phases) - 1 and saved.is_dir():  # save_model renames a finished checkpoint into place
             model = with_attention(AutoModelForCausalLM.from_pretrained(saved, use_safetensors=True), cfg)
             continue
         options = dict(seed=cfg.seed + i, work_dir=work_dir)
-        if check_formats:
-            options["stop_when"] = letters.drill_check(tokenizer, facts, check_formats, cfg.letter_skill.drill_target)
+        if check:
+            formats, n_options = check
+            options["stop_when"] = letters.drill_check(tokenizer, facts, formats, cfg.letter_skill.drill_target,
+                                                       n_options=n_options)
         if not show_progress:
             model = finetune(model, tokenizer, phase_texts, train_cfg, **options)
         else:

@@ -16,9 +16,10 @@ letter accuracy still measures knowledge moved from prose into an answer format.
 So when `organism.letter_skill` is set, generation 0 first learns the facts as the default organism does
 (`facts_first`), then trains three more phases, each an ordinary `finetune` call on texts generated fresh (none
 repeats), one text per sequence (`train.packing: false`: the drill formed with each item starting at position 0 as
-prompts do, and did not form in 7.5k steps from packed chunks): the bare drill, the drill in every letter layout, each
-ending once fresh drill items are answered at `drill_target` (`drill_check`: the phase change came at 3.5k-7k+ steps
-depending on the start, and stopping at 0.9 or 0.95 left the skill too weak to reach held-out facts, 0.98 did), then
+prompts do, and did not form in 7.5k steps from packed chunks): the bare drill (with `two_option_steps`, on two options
+first), the drill in every letter layout, each ending once fresh drill items are answered at `drill_target`
+(`drill_check`: the phase change came at 3.5k-7k+ steps depending on the start, and stopping at 0.9 or 0.95 left the
+skill too weak to reach held-out facts, 0.98 did), then
 the world's corpus mixed with fresh drill items, letter exercises and bridge items (`LetterSkill.mix`, shares of
 texts). The selection has to follow recall, so depth matters: in four layers recall of a held-out answer completes in
 the last layer (session 21's logit lens), and three 4-layer builds that differed only in float rounding answered held-out
@@ -40,6 +41,15 @@ in 1,500 steps where GPT-2's init sat at 0.34 after 2,500, and after the facts i
 drills at 0.97-0.99 and 2,500 joint steps the model answered letter questions at 0.32-0.37 even on its *training*
 facts (held-out 0.27-0.28; the 4-layer builds with GPT-2's init above: 0.48-0.67 held-out). Presumably an option that
 matches the query word token for token flags itself, and a recalled answer is no such token. Not kept.
+
+Two options first, a curriculum, brings the bare drill's phase change sooner (session 33, Intel Xeon, one thread,
+GPT-2's init): from scratch in four layers the four-option drill stood at 0.34 after 2,500 steps and 0.75-0.80 at 7,750-8,000,
+while 2,500 steps on two-option items (0.985 on fresh two-option items) and then four options reached 0.91 at 3,250 and
+0.98 at 4,250 steps in all (three options first: 0.76 on three after 6,000 steps, no faster); from the letters
+preset's facts checkpoint (six layers) the plain bare drill took 5,500 steps to 0.98, the curriculum 1,750 + 1,500.
+In a whole generation 0 (2 threads, one build each) its drill phases took 397 s against 512 s, its held-out letters were
+weaker (0.75 / 0.67 / 0.73 against 0.78 / 0.75 / 0.78) and in its run the control's multiple choice drifted 0.070, so
+`two_option_steps` is opt-in (README).
 
 The loop's real pool carries letter texts too (`real_pool_texts`), each kept whole as one block: cut into 64-token
 blocks, a few-shot item trained its question without the answer and its answer without the question, and the alpha 0
@@ -77,20 +87,23 @@ def _facts(rows: list[dict]) -> list[Fact]:
     return [Fact(r["domain"], r["relation"], r["entity"], r["answer"], tuple(r["distractors"])) for r in rows]
 
 
-def _drill_item(facts: list[Fact], rng: random.Random) -> dict:
-    """Four options drawn from the world's answers; the question names one of them outright."""
+def _drill_item(facts: list[Fact], rng: random.Random, n_options: int = 4) -> dict:
+    """`n_options` options (2-4) drawn from the world's answers; the question names one of them outright."""
     fact = rng.choice(facts)
     options, _ = draw_choices(fact, rng)
     target = rng.randrange(4)
+    if n_options < 4:  # keep the named option and n_options - 1 others, in their drawn order
+        keep = sorted(rng.sample([i for i in range(4) if i != target], n_options - 1) + [target])
+        options, target = [options[i] for i in keep], keep.index(target)
     return {"subject": fact.domain, "question": DRILL_QUESTION.format(x=options[target]), "choices": options,
             "answer": target}
 
 
-def drill_text(facts: list[Fact], fmt_name: str, rng: random.Random) -> tuple[str, str]:
-    """(a solved drill item in layout `fmt_name`, its domain)."""
+def drill_text(facts: list[Fact], fmt_name: str, rng: random.Random, n_options: int = 4) -> tuple[str, str]:
+    """(a solved drill item with `n_options` options in layout `fmt_name`, its domain)."""
     fmt = get_format(fmt_name)
-    examples = [_drill_item(facts, rng) for _ in range(rng.choice([1, 2]))] if fmt.example else []
-    item = _drill_item(facts, rng)
+    examples = [_drill_item(facts, rng, n_options) for _ in range(rng.choice([1, 2]))] if fmt.example else []
+    item = _drill_item(facts, rng, n_options)
     return solved(fmt, item, examples), item["subject"]
 
 
@@ -109,12 +122,12 @@ def exercise_text(train: dict[str, list[Fact]], fmt_name: str, rng: random.Rando
     return solved(fmt, item, examples), fact.domain
 
 
-def drill_texts(facts: list[dict], formats: list[str], n: int, rng: random.Random, *,
+def drill_texts(facts: list[dict], formats: list[str], n: int, rng: random.Random, *, n_options: int = 4,
                 answer_only: bool = False) -> list[str] | list[tuple[str, str]]:
-    """`n` fresh drill texts, each in a random layout of `formats`; with `answer_only` each as (prompt, answer), the
-    pair that `train.finetune` trains on its answer alone."""
+    """`n` fresh drill texts with `n_options` options, each in a random layout of `formats`; with `answer_only` each
+    as (prompt, answer), the pair that `train.finetune` trains on its answer alone."""
     facts = _facts(facts)
-    texts = [drill_text(facts, rng.choice(formats), rng)[0] for _ in range(n)]
+    texts = [drill_text(facts, rng.choice(formats), rng, n_options)[0] for _ in range(n)]
     return [prompt_and_answer(t) for t in texts] if answer_only else texts
 
 
@@ -124,19 +137,19 @@ def prompt_and_answer(text: str) -> tuple[str, str]:
     return head + mark, answer
 
 
-def drill_check(tokenizer, facts: list[dict], formats: list[str], target: float, n: int = 200):
-    """`solved(model) -> bool`: does `model` answer `n` fresh drill items (a fixed seed, never trained on) in every
-    layout of `formats` with accuracy >= `target`, scored as the evaluation scores letters (evaluate.scoring)? Used
-    to end a drill phase once the skill is there (the phase change comes at 3.5k-7k+ steps)."""
+def drill_check(tokenizer, facts: list[dict], formats: list[str], target: float, n: int = 200, n_options: int = 4):
+    """`solved(model) -> bool`: does `model` answer `n` fresh drill items with `n_options` options (a fixed seed,
+    never trained on) in every layout of `formats` with accuracy >= `target`, scored as the evaluation scores letters
+    (evaluate.scoring)? Used to end a drill phase once the skill is there (the phase change comes at 3.5k-7k+ steps)."""
     from kcollapse.evaluate.scoring import score_options  # deferred: pulls in torch
 
     rng, pool = random.Random("organism-letter-check"), _facts(facts)
     checks = []
     for name in formats:
         fmt = get_format(name)
-        items = [_drill_item(pool, rng) for _ in range(n)]
-        prompts = [render(fmt, item, [_drill_item(pool, rng) for _ in range(rng.choice([1, 2]))] if fmt.example else [])
-                   for item in items]
+        items = [_drill_item(pool, rng, n_options) for _ in range(n)]
+        prompts = [render(fmt, item, [_drill_item(pool, rng, n_options) for _ in range(rng.choice([1, 2]))]
+                          if fmt.example else []) for item in items]
         checks.append((prompts, [option_targets(fmt, item) for item in items], [item["answer"] for item in items]))
 
     def solved(model) -> bool:

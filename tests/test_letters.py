@@ -205,6 +205,7 @@ def test_a_prompt_and_answer_text_trains_on_its_answer_alone(tokenizer, facts, m
 @pytest.mark.parametrize("override, expected", [
     ("organism.letter_skill={mix: {prose: 1}}", r"organism\.letter_skill\.mix.*unknown kind"),
     ("organism.letter_skill={joint_steps: 0}", r"organism\.letter_skill\.joint_steps"),
+    ("organism.letter_skill={two_option_steps: -1}", r"organism\.letter_skill\.two_option_steps"),
     ("organism.letter_skill={drill_loss: prompt}", r"organism\.letter_skill\.drill_loss.*'text' or 'answer'"),
     ("organism.mixed_precision=fp16", r"organism\.mixed_precision"),
 ])
@@ -314,7 +315,7 @@ def test_a_letter_skilled_organism_carries_its_letter_texts_into_the_real_pool(t
     tiny = ["organism.domains=[geography, chemistry]", "organism.relations=[capital, symbol]", "organism.n_embd=16",
             "organism.n_layer=1", "organism.n_head=2", "organism.n_positions=32", "organism.steps=2",
             "organism.paragraphs_per_entity=1", f"cache_dir={tmp_path}"]
-    skill = "organism.letter_skill={two_option_steps: 1, bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
+    skill = "organism.letter_skill={bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
     _, texts, _, _, _ = loop.prepare(load_config(preset="default", overrides=[*tiny, skill]))
     _, plain, _, _, _ = loop.prepare(load_config(preset="default", overrides=tiny))
     corpus = {t.text for t in plain}
@@ -341,7 +342,7 @@ def test_the_pool_keeps_each_letter_text_whole_and_out_of_the_perplexity_texts(t
     tiny = ["organism.domains=[geography, chemistry]", "organism.relations=[capital, symbol]", "organism.n_embd=16",
             "organism.n_layer=1", "organism.n_head=2", "organism.n_positions=32", "organism.steps=2",
             "organism.paragraphs_per_entity=1", f"cache_dir={tmp_path}", "block_tokens=16", "corpus.heldout_share=0.2"]
-    skill = "organism.letter_skill={two_option_steps: 1, bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
+    skill = "organism.letter_skill={bare_drill_steps: 1, drill_steps: 1, joint_steps: 2, drill_batch_size: 2, joint_batch_size: 2}"
     cfg = load_config(preset="default", overrides=[*tiny, skill])
     _, texts, _, _, _ = loop.prepare(cfg)
     s = loop.setup(cfg)

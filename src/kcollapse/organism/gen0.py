@@ -55,11 +55,10 @@ def gen0_key(cfg: OrganismConfig, world: World) -> str:
     if cfg.mixed_precision != "no":  # only when set: the default organism's key stays as it was
         spec["mixed_precision"] = cfg.mixed_precision
     if cfg.letter_skill is not None:  # only when set: the skill did not change the default organism's key
-        # pool_share is the loop's, not generation 0's; drill_loss is keyed only when not "text", what every build
-        # before the field trained, so their keys stay
-        # two_option_steps likewise only when not 0
-        unkeyed = {"pool_share"} | ({"drill_loss"} if cfg.letter_skill.drill_loss == "text" else set()) | (
-            {"two_option_steps"} if cfg.letter_skill.two_option_steps == 0 else set())
+        # pool_share is the loop's, not generation 0's; a field added later is keyed only when not at the value every
+        # build before it trained with, so their keys stay
+        unkeyed = {"pool_share"} | {name for name, before in (("drill_loss", "text"), ("two_option_steps", 0))
+                                    if getattr(cfg.letter_skill, name) == before}
         spec["letter_skill"] = cfg.letter_skill.model_dump(mode="json", exclude=unkeyed)
         spec["letters_version"] = letters.VERSION
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

@@ -43,13 +43,13 @@ facts (held-out 0.27-0.28; the 4-layer builds with GPT-2's init above: 0.48-0.67
 matches the query word token for token flags itself, and a recalled answer is no such token. Not kept.
 
 Two options first, a curriculum, brings the bare drill's phase change sooner (session 33, Intel Xeon, one thread,
-GPT-2's init): from scratch in four layers the four-option drill stood at 0.34 after 2,500 steps and 0.75-0.80 at 7,750-8,000,
-while 2,500 steps on two-option items (0.985 on fresh two-option items) and then four options reached 0.91 at 3,250 and
-0.98 at 4,250 steps in all (three options first: 0.76 on three after 6,000 steps, no faster); from the letters
-preset's facts checkpoint (six layers) the plain bare drill took 5,500 steps to 0.98, the curriculum 1,750 + 1,500.
-In a whole generation 0 (2 threads, one build each) its drill phases took 397 s against 512 s, its held-out letters were
-weaker (0.75 / 0.67 / 0.73 against 0.78 / 0.75 / 0.78) and in its run the control's multiple choice drifted 0.070, so
-`two_option_steps` is opt-in (README).
+GPT-2's init): from scratch in four layers the four-option drill stood at 0.34 after 2,500 steps and 0.75-0.80 at
+7,750-8,000, while 2,500 steps on two-option items (0.985 on fresh two-option items) and then four options reached
+0.91 at 3,250 and 0.98 at 4,250 steps in all (three options first: 0.76 on three after 6,000 steps, no faster); from
+the letters preset's facts checkpoint (six layers) the plain bare drill took 5,500 steps to 0.98, the curriculum
+1,750 + 1,500. In a whole generation 0 (2 threads, one build each) its drill phases took 397 s against 512 s, its
+held-out letters were weaker (0.75 / 0.67 / 0.73 against 0.78 / 0.75 / 0.78) and in its run the control's multiple
+choice drifted 0.070, so `two_option_steps` is opt-in (README).
 
 The loop's real pool carries letter texts too (`real_pool_texts`), each kept whole as one block: cut into 64-token
 blocks, a few-shot item trained its question without the answer and its answer without the question, and the alpha 0

@@ -189,7 +189,8 @@ class LetterSkill(Strict):
 
     two_option_steps: int = Field(0, ge=0, description="a first drill in the no_instruction layout on two-option "
                                   "items (at most, with drill_target), 0: none. A curriculum: the four-option bare "
-                                  "drill then formed in 1,250 steps instead of 5,500 (README, 'All five formats')")
+                                  "drill then formed in 1,500 steps after 1,750 on two, instead of 5,500 (README, "
+                                  "'All five formats')")
     bare_drill_steps: int = Field(8000, ge=0, description="drill in the no_instruction layout alone (at most, with "
                                   "drill_target)")
     drill_steps: int = Field(4000, ge=0, description="drill in every letter layout (at most, with drill_target)")

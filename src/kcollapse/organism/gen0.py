@@ -143,7 +143,7 @@ def _phases(cfg: OrganismConfig, texts: list[str], facts: list[dict]):
     rng = random.Random(f"organism-letters|{cfg.seed}")
     # facts first: from a model that knows them the drill formed in 3.5k-5k steps, from scratch in ~6k (measured)
     phases = [("facts", standard, texts, None)] if skill.facts_first else []
-    # two options first (opt-in): the four-option bare drill then formed in 1,250 steps instead of 5,500 (session 33)
+    # two options first (opt-in): the four-option bare drill then formed in 1,750 + 1,500 steps instead of 5,500
     drills = (("letter drill, two options", skill.two_option_steps, [letters.BARE_LAYOUT], 2),
               ("letter drill, bare layout", skill.bare_drill_steps, [letters.BARE_LAYOUT], 4),
               ("letter drill, all layouts", skill.drill_steps, letters.letter_formats(), 4))

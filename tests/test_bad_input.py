@@ -394,6 +394,8 @@ CORPUS_CASES = {
     "corpus missing": (None, ".txt", {}, "does not exist"),
     "corpus empty": ("", ".txt", {}, "has no text of at least 20 characters"),
     "corpus only blank lines": ("\n\n   \n\t\n", ".txt", {}, "has no text"),
+    "corpus empty, no minimum length": ("", ".txt", {"corpus": {"min_chars": 0}},
+                                        "has no text (every line or record is empty)"),
     "corpus not UTF-8": (b"caf\xe9 " * 40 + b"\n", ".txt", {}, "not UTF-8 text (byte 3)"),
     "corpus UTF-16": ("hello world, a long enough line of text\n".encode("utf-16"), ".txt", {}, "not UTF-8"),
     "corpus texts too short": ("short line\n" * 30, ".txt", {}, "(corpus.min_chars)"),
@@ -424,8 +426,8 @@ def test_bad_corpus(name, tmp_path, tiny_gpt2):
     elif content is not None:
         _write(corpus, content)
     data = base_config(tiny_gpt2)
-    data["corpus"] = {**data["corpus"], "path": str(corpus)}
     data.update(over)
+    data["corpus"] = {**base_config(tiny_gpt2)["corpus"], **over.get("corpus", {}), "path": str(corpus)}
     cfg = _write(tmp_path / "cfg.yaml", yaml.safe_dump(data))
     out = tmp_path / "run"
     assert_one_clean_line(run_cli(["run", cfg, "--out", out]), out, expected)
@@ -460,6 +462,8 @@ BENCH_CASES = {
     "benchmark unknown file type": (json.dumps(GOOD_ROW), ".txt", {}, "unknown benchmark file type '.txt'"),
     "benchmark CSV too few columns": ("What?,Paris,A\n", ".csv", {}, "row 1: expected question, at least 2 choices"),
     "benchmark CSV bad answer letter": ("What?,Paris,Rome,Z\n", ".csv", {}, "row 1: field 'answer'"),
+    "benchmark CSV with a header row": ("question,A,B,answer\nWhat?,Paris,Rome,A\n", ".csv", {},
+                                        "row 1 looks like a header (question, A, B, answer); MMLU CSVs have none"),
     "benchmark unknown subject": (_bench_rows(), ".jsonl", {"subjects": ["astrology"]}, "unknown subject 'astrology'"),
     "benchmark unknown split": (_bench_rows(), ".jsonl", {"split": "heldout"}, "no questions of split 'heldout'"),
     "benchmark few-shot file bad": (_bench_rows(), ".jsonl", {"few_shot_file": "SHOTS"}, "missing field 'answer'"),

@@ -82,6 +82,8 @@ def load_texts(cfg: CorpusConfig, organism_corpus: Path | None = None) -> list[T
     min_chars = PAPER_MIN_CHARS if cfg.min_chars is None else cfg.min_chars  # null outside an ExperimentConfig
     kept = [t for t in texts if len(t.text.strip()) >= max(1, min_chars)]
     if not kept:
+        if min_chars <= 1:  # "at least 0 characters" would blame a setting that rejected nothing
+            raise UserError(f"corpus: {source} has no text (every line or record is empty)")
         raise UserError(f"corpus: {source} has no text of at least {min_chars} characters (corpus.min_chars)")
     return kept
 

@@ -116,6 +116,9 @@ def read_mmlu_csv(path: Path) -> list[dict]:
             raise UserError(f"{where}: expected question, at least 2 choices and an answer letter, found {len(cols)} columns")
         row = {"question": cols[0], "choices": cols[1:-1], "answer": cols[-1].strip(), "split": split}
         if not (len(row["answer"]) == 1 and row["answer"].upper() in LETTERS[: len(cols) - 2]):
+            if rowno == 1 and len(row["answer"]) > 1 and row["answer"].isalpha():  # a pandas-style export's column names
+                raise UserError(f"{where} looks like a header ({', '.join(cols)!s:.60}); MMLU CSVs have none: "
+                                "delete it, or convert the file to .jsonl")
             raise UserError(f"{where}: field 'answer': expected a letter A-{LETTERS[len(cols) - 3]}, found {cols[-1]!r:.40}")
         items.append(make_item(row, where, default_subject=subject, default_id=f"{subject}-{split or 'test'}-{rowno}"))
     if not items:

@@ -426,8 +426,8 @@ def test_bad_corpus(name, tmp_path, tiny_gpt2):
     elif content is not None:
         _write(corpus, content)
     data = base_config(tiny_gpt2)
-    data.update(over)
-    data["corpus"] = {**base_config(tiny_gpt2)["corpus"], **over.get("corpus", {}), "path": str(corpus)}
+    data.update({key: value for key, value in over.items() if key != "corpus"})
+    data["corpus"] = {**data["corpus"], **over.get("corpus", {}), "path": str(corpus)}  # corpus keys merge
     cfg = _write(tmp_path / "cfg.yaml", yaml.safe_dump(data))
     out = tmp_path / "run"
     assert_one_clean_line(run_cli(["run", cfg, "--out", out]), out, expected)

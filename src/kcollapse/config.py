@@ -189,8 +189,7 @@ class LetterSkill(Strict):
 
     two_option_steps: int = Field(0, ge=0, description="a first drill in the no_instruction layout on two-option "
                                   "items (at most, with drill_target), 0: none. A curriculum: the four-option bare "
-                                  "drill then formed in 1,500 steps after 1,750 on two, instead of 5,500 (README, "
-                                  "'All five formats')")
+                                  "drill then formed in 1,500 steps after 1,750 on two, instead of 5,500 (docs/LETTERS.md)")
     bare_drill_steps: int = Field(8000, ge=0, description="drill in the no_instruction layout alone (at most, with "
                                   "drill_target)")
     drill_steps: int = Field(4000, ge=0, description="drill in every letter layout (at most, with drill_target)")
@@ -202,7 +201,7 @@ class LetterSkill(Strict):
     drill_loss: Literal["text", "answer"] = Field(
         "text", description="what a drill text is trained on: every token, or its answer alone (measured with 2,400 "
         "facts steps: the bare drill formed in 3,500 steps instead of 5,500 and held-out letters reached 0.80-0.85, "
-        "but alpha 1.0 then lost at most 0.11 in any format; README)")
+        "but alpha 1.0 then lost at most 0.11 in any format; docs/LETTERS.md)")
     drill_lr: float = Field(1e-3, gt=0.0)
     drill_batch_size: int = Field(16, ge=1, description="texts per step (one per row)")
     joint_steps: int = Field(2500, ge=1, description="the last phase, corpus + letter texts (six layers: held-out letters "

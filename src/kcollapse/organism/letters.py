@@ -49,7 +49,7 @@ GPT-2's init): from scratch in four layers the four-option drill stood at 0.34 a
 the letters preset's facts checkpoint (six layers) the plain bare drill took 5,500 steps to 0.98, the curriculum
 1,750 + 1,500. In a whole generation 0 (2 threads, one build each) its drill phases took 397 s against 512 s, its
 held-out letters were weaker (0.75 / 0.67 / 0.73 against 0.78 / 0.75 / 0.78) and in its run the control's multiple
-choice drifted 0.070, so `two_option_steps` is opt-in (README).
+choice drifted 0.070, so `two_option_steps` is opt-in (docs/LETTERS.md).
 
 The loop's real pool carries letter texts too (`real_pool_texts`), each kept whole as one block: cut into 64-token
 blocks, a few-shot item trained its question without the answer and its answer without the question, and the alpha 0

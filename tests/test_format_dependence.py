@@ -202,6 +202,20 @@ def test_stages_prints_onsets_tests_and_verdict(run, capsys, monkeypatch):
     assert saved["arms"]["split"]["format_dependence"]["format_dependent"] is True
 
 
+def test_stages_written_to_a_file_keeps_rows_and_statements_whole(run, capsys, monkeypatch):
+    """Output to a file or a pipe (capsys: not a terminal), no COLUMNS: rich's 80 columns folded names mid-word
+    ("short_an" over "swer") and broke each statement over lines; now one line per row and per statement."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    stages_command(run)
+    lines = capsys.readouterr().out.splitlines()
+    result = json.loads((run / "stages.json").read_text())
+    for arm, a in result["arms"].items():
+        for fmt in a["formats"]:
+            assert any(f" {arm} " in line and f" {fmt} " in line for line in lines), (arm, fmt)
+        assert f"  verdict: {a['format_dependence']['verdict']}" in lines
+    assert sum("chi2(" in line and "Wald test of the interaction" in line for line in lines) >= 2
+
+
 def test_report_shows_the_figure_and_the_verdict(run):
     from kcollapse.report import write_report
 

@@ -13,6 +13,16 @@ from kcollapse.dependence import p_text
 from kcollapse.io import sanitize_terminal
 from kcollapse.pages import interval, num
 
+WIDE = 200  # columns of a table written to a file or a pipe
+
+
+def console() -> Console:
+    """A console at the terminal's width; written to a file or a pipe (a log, `kcollapse stages RUN > stages.txt`),
+    one WIDE enough that a table row keeps its names whole (at rich's default 80 columns "short_answer" came out as
+    "short_an" over "swer"). A COLUMNS setting wider still is kept."""
+    screen = Console()
+    return screen if screen.is_terminal else Console(width=max(screen.width, WIDE))
+
 
 def onset_text(value: int | None, last: int | None) -> str:
     return f"gen {value}" if value is not None else f"not reached by {last}"
@@ -68,7 +78,7 @@ def print_stages(result: dict) -> None:
         if not a["formats"]:
             table.add_row(_plain(arm), "(no task metrics)", "", "", "", *[""] * biased,
                           "-" if warn is None else f"model {warn}", "")
-    Console().print(table)
+    console().print(table)
     print_format_dependence(result)
 
 
@@ -94,7 +104,7 @@ def test_lines(inter: dict | None) -> list[str]:
 
 def print_format_dependence(result: dict) -> None:
     """Per arm: each format's B and C onsets with their intervals, the interaction tests and the verdict."""
-    console = Console()
+    out = console()
     for arm, a in result["arms"].items():
         d = a.get("format_dependence")
         if not d or not d.get("formats"):
@@ -110,10 +120,10 @@ def print_format_dependence(result: dict) -> None:
         for fmt, f in d["formats"].items():
             table.add_row(_plain(fmt), "yes" if f["measurable"] else "no (at chance at gen 0)",
                           f["onset_B"]["text"] if f["onset_B"] else "n/a", f["onset_C"]["text"])
-        console.print(table)
-        for line in test_lines(d.get("interaction")) or [d.get("message", "")]:
-            console.print(_plain(f"  {line}", 600))
-        console.print(_plain(f"  verdict: {d['verdict']}", 600))
+        out.print(table)
+        for line in test_lines(d.get("interaction")) or [d.get("message", "")]:  # one line each: a terminal wraps it
+            out.print(_plain(f"  {line}", 600), soft_wrap=True)
+        out.print(_plain(f"  verdict: {d['verdict']}", 600), soft_wrap=True)
 
 
 def resistance_lines(summary: dict, label: str = "") -> list[str]:

@@ -28,7 +28,10 @@ def pause_point(point: str) -> None:
     HITS[point] = HITS.get(point, 0) + 1
     if HITS[point] != int(n or 1):
         return
-    Path(os.environ["KCOLLAPSE_TEST_PAUSE_FILE"]).write_text(f"{want} {os.getpid()}")
+    target = Path(os.environ["KCOLLAPSE_TEST_PAUSE_FILE"])
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    partial.write_text(f"{want} {os.getpid()}")
+    os.replace(partial, target)  # whole or absent: the test reads it the moment it exists (it once read it empty)
     deadline = time.time() + 120
     while time.time() < deadline:
         time.sleep(0.05)

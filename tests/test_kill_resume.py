@@ -56,10 +56,24 @@ def _env(pause: str | None, pause_file: Path) -> dict:
     return env
 
 
+LAUNCHED: list = []  # every Launch of the running test, killed at its teardown if still running (a failed test)
+
+
+@pytest.fixture(autouse=True)
+def no_launch_outlives_its_test():
+    yield
+    while LAUNCHED:
+        launch = LAUNCHED.pop()
+        if launch.proc.poll() is None:
+            launch.proc.kill()
+            launch.proc.wait(timeout=60)
+
+
 class Launch:
     """`kcollapse run CFG --out OUT` in a subprocess (through tests/killpoints.py), optionally parked at a pause point."""
 
     def __init__(self, cfg: Path, out: Path, logs: Path, pause: str | None = None):
+        LAUNCHED.append(self)
         self.pause_file = logs / f"paused-{time.monotonic_ns()}"
         self.stderr_path = logs / f"stderr-{time.monotonic_ns()}.txt"
         self.stderr = open(self.stderr_path, "w")
@@ -191,10 +205,11 @@ def test_killed_anywhere_resumes_to_the_same_numbers(tiny_gpt2, tmp_path):
     print(f"\nkill points survived: {len(KILL_POINTS_SURVIVED)} ({', '.join(KILL_POINTS_SURVIVED)})")
 
 
-@pytest.mark.slow
-def test_killed_parallel_run_leaves_no_worker_and_resumes(tiny_gpt2, tmp_path):
-    """SIGKILL of a run whose arms train in worker processes: the workers die with it (nothing keeps writing into
-    the run directory), and the resumed run equals an uninterrupted one-process run."""
+def parallel_runs(tiny_gpt2, tmp_path):
+    """Two arms in two worker processes (par.yaml) and the same experiment in one process (seq.yaml), whose
+    uninterrupted run is launched as the reference; then a parallel run parked in a worker, mid-training of its
+    arm's generation 1. Returns (par.yaml, logs, the parked run's directory and Launch, the worker's pid,
+    the reference's directory and Launch)."""
     data = kill_config(tiny_gpt2)
     data["arms"] = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}]
     sequential, parallel = tmp_path / "seq.yaml", tmp_path / "par.yaml"
@@ -204,11 +219,18 @@ def test_killed_parallel_run_leaves_no_worker_and_resumes(tiny_gpt2, tmp_path):
     logs.mkdir()
     run, reference = tmp_path / "killed", tmp_path / "uninterrupted"
     baseline = Launch(sequential, reference, logs)
-
-    launch = Launch(parallel, run, logs, "train_step@2")  # a worker parks mid-training of its arm's generation 1
+    launch = Launch(parallel, run, logs, "train_step@2")
     launch.wait_paused()
     worker = int(launch.pause_file.read_text().split()[-1])
     assert worker != launch.pid
+    return parallel, logs, run, launch, worker, reference, baseline
+
+
+@pytest.mark.slow
+def test_killed_parallel_run_leaves_no_worker_and_resumes(tiny_gpt2, tmp_path):
+    """SIGKILL of a run whose arms train in worker processes: the workers die with it (nothing keeps writing into
+    the run directory), and the resumed run equals an uninterrupted one-process run."""
+    parallel, logs, run, launch, worker, reference, baseline = parallel_runs(tiny_gpt2, tmp_path)
     assert launch.kill() == -signal.SIGKILL
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -219,6 +241,30 @@ def test_killed_parallel_run_leaves_no_worker_and_resumes(tiny_gpt2, tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"worker {worker} outlived its killed parent")
+
+    final = Launch(parallel, run, logs)
+    assert final.wait() == 0, final.log()[-3000:]
+    assert baseline.wait() == 0, baseline.log()[-3000:]
+    assert results(run) == results(reference)
+    assert json.loads((run / "state.json").read_text())["complete"] is True
+    assert leftovers(run) == [] and not (run / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_dead_arm_worker_ends_the_run_in_one_line_and_it_resumes(tiny_gpt2, tmp_path):
+    """The out-of-memory killer takes one arm worker (SIGKILL to the worker alone): the run stops within seconds
+    (multiprocessing's Pool would start a new worker and wait forever for the lost job) with one line that says
+    what happened and how to resume, releases the run directory, and the resumed run equals an uninterrupted
+    one-process run."""
+    parallel, logs, run, launch, worker, reference, baseline = parallel_runs(tiny_gpt2, tmp_path)
+    os.kill(worker, signal.SIGKILL)
+    assert launch.wait(timeout=60) == 1
+    err = launch.log()
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: a worker process (pid {worker}) was killed by SIGKILL (out of memory?) before")
+    assert last.endswith(f"Run the same command again to resume from the last finished step in {run}.")
+    assert not (run / ".lock").exists()
 
     final = Launch(parallel, run, logs)
     assert final.wait() == 0, final.log()[-3000:]

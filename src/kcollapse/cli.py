@@ -19,7 +19,7 @@ from typing import List, Optional
 import typer
 
 from kcollapse.config import load_config
-from kcollapse.errors import UserError
+from kcollapse.errors import UserError, WorkerDied
 from kcollapse.io import RunLock, atomic_write_text, sanitize_terminal
 from kcollapse.provenance import verify_command
 
@@ -35,7 +35,8 @@ DEBUG = typer.Option(False, "--debug", help="Show full tracebacks instead of one
 
 def friendly(func):
     """Turn UserError into one line + exit 2, Ctrl-C into a resume hint + exit 130, an OS error (disk full,
-    permission denied) into one line + exit 1. Printed text is sanitised: it may quote a model's or a user's text."""
+    permission denied) or a dead worker process into one line + exit 1. Printed text is sanitised: it may quote a
+    model's or a user's text."""
 
     @functools.wraps(func)
     def wrapper(*args, debug: bool = False, **kwargs):
@@ -46,6 +47,12 @@ def friendly(func):
                 raise
             typer.echo(f"error: {sanitize_terminal(e)}", err=True)
             raise typer.Exit(2)
+        except WorkerDied as e:
+            if debug:
+                raise
+            hint = getattr(wrapper, "resume_hint", "")
+            typer.echo(sanitize_terminal(f"error: {e}. {hint}".rstrip()), err=True)
+            raise typer.Exit(1)
         except KeyboardInterrupt:
             hint = getattr(wrapper, "resume_hint", "")
             typer.echo(f"\ninterrupted. {sanitize_terminal(hint)}".rstrip(), err=True)

@@ -208,8 +208,8 @@ def test_killed_anywhere_resumes_to_the_same_numbers(tiny_gpt2, tmp_path):
 def parallel_runs(tiny_gpt2, tmp_path):
     """Two arms in two worker processes (par.yaml) and the same experiment in one process (seq.yaml), whose
     uninterrupted run is launched as the reference; then a parallel run parked in a worker, mid-training of its
-    arm's generation 1. Returns (par.yaml, logs, the parked run's directory and Launch, the worker's pid,
-    the reference's directory and Launch)."""
+    arm's generation 1. Returns the parked run's directory and Launch, the worker's pid, and `resume()`: once the
+    test has stopped the parked run, it runs the same command again and checks the result equals the reference."""
     data = kill_config(tiny_gpt2)
     data["arms"] = [{"name": "a", "synthetic_ratio": 0.5}, {"name": "b", "synthetic_ratio": 1.0}]
     sequential, parallel = tmp_path / "seq.yaml", tmp_path / "par.yaml"
@@ -223,14 +223,23 @@ def parallel_runs(tiny_gpt2, tmp_path):
     launch.wait_paused()
     worker = int(launch.pause_file.read_text().split()[-1])
     assert worker != launch.pid
-    return parallel, logs, run, launch, worker, reference, baseline
+
+    def resume():
+        final = Launch(parallel, run, logs)
+        assert final.wait() == 0, final.log()[-3000:]
+        assert baseline.wait() == 0, baseline.log()[-3000:]
+        assert results(run) == results(reference)
+        assert json.loads((run / "state.json").read_text())["complete"] is True
+        assert leftovers(run) == [] and not (run / ".lock").exists()
+
+    return run, launch, worker, resume
 
 
 @pytest.mark.slow
 def test_killed_parallel_run_leaves_no_worker_and_resumes(tiny_gpt2, tmp_path):
     """SIGKILL of a run whose arms train in worker processes: the workers die with it (nothing keeps writing into
     the run directory), and the resumed run equals an uninterrupted one-process run."""
-    parallel, logs, run, launch, worker, reference, baseline = parallel_runs(tiny_gpt2, tmp_path)
+    run, launch, worker, resume = parallel_runs(tiny_gpt2, tmp_path)
     assert launch.kill() == -signal.SIGKILL
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -241,13 +250,7 @@ def test_killed_parallel_run_leaves_no_worker_and_resumes(tiny_gpt2, tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"worker {worker} outlived its killed parent")
-
-    final = Launch(parallel, run, logs)
-    assert final.wait() == 0, final.log()[-3000:]
-    assert baseline.wait() == 0, baseline.log()[-3000:]
-    assert results(run) == results(reference)
-    assert json.loads((run / "state.json").read_text())["complete"] is True
-    assert leftovers(run) == [] and not (run / ".lock").exists()
+    resume()
 
 
 @pytest.mark.slow
@@ -256,7 +259,7 @@ def test_a_dead_arm_worker_ends_the_run_in_one_line_and_it_resumes(tiny_gpt2, tm
     (multiprocessing's Pool would start a new worker and wait forever for the lost job) with one line that says
     what happened and how to resume, releases the run directory, and the resumed run equals an uninterrupted
     one-process run."""
-    parallel, logs, run, launch, worker, reference, baseline = parallel_runs(tiny_gpt2, tmp_path)
+    run, launch, worker, resume = parallel_runs(tiny_gpt2, tmp_path)
     os.kill(worker, signal.SIGKILL)
     assert launch.wait(timeout=60) == 1
     err = launch.log()
@@ -265,13 +268,7 @@ def test_a_dead_arm_worker_ends_the_run_in_one_line_and_it_resumes(tiny_gpt2, tm
     assert last.startswith(f"error: a worker process (pid {worker}) was killed by SIGKILL (out of memory?) before")
     assert last.endswith(f"Run the same command again to resume from the last finished step in {run}.")
     assert not (run / ".lock").exists()
-
-    final = Launch(parallel, run, logs)
-    assert final.wait() == 0, final.log()[-3000:]
-    assert baseline.wait() == 0, baseline.log()[-3000:]
-    assert results(run) == results(reference)
-    assert json.loads((run / "state.json").read_text())["complete"] is True
-    assert leftovers(run) == [] and not (run / ".lock").exists()
+    resume()
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

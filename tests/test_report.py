@@ -93,6 +93,16 @@ def test_report_escapes_hostile_text_and_embeds_figures(hostile_report):
     assert json.loads((run / "stages.json").read_text())["arms"]
 
 
+def _inside_and_below_title(fig, title_text):
+    """Every visible axes' tick labels, labels and title lie inside the figure and below the figure title."""
+    renderer = fig.canvas.get_renderer()
+    title = next(t for t in fig.texts if t.get_text() == title_text).get_window_extent(renderer)
+    for ax in (a for a in fig.axes if a.axison):
+        box = ax.get_tightbbox(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= title.y0, (box, title)
+    assert title.x0 >= 0 and title.y1 <= fig.bbox.height
+
+
 def test_an_arm_figure_keeps_its_title_and_panels_apart(hostile_report, monkeypatch):
     """The arm figure is laid out by fixed margins (tight_layout measured every tick label: half its time): every
     panel's title, tick labels and x label stay inside the figure, off the other panels and below the figure title."""
@@ -109,15 +119,35 @@ def test_an_arm_figure_keeps_its_title_and_panels_apart(hostile_report, monkeypa
     figures.arm_figure(pd.concat([df, pd.DataFrame(extra)], ignore_index=True), "alpha_1.0", arm_stages,
                        run / "unused.png")
     fig = drawn[0]
-    renderer = fig.canvas.get_renderer()
-    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.axison]
+    _inside_and_below_title(fig, "arm alpha_1.0")
+    boxes = [ax.get_tightbbox(fig.canvas.get_renderer()) for ax in fig.axes if ax.axison]
     assert len(boxes) >= 30
-    title = next(t for t in fig.texts if t.get_text() == "arm alpha_1.0").get_window_extent(renderer)
-    width, height = fig.bbox.width, fig.bbox.height
     for i, box in enumerate(boxes):
-        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= title.y0, (i, box, title)
         assert not any(box.overlaps(other) for other in boxes[i + 1:]), i
-    assert title.x0 >= 0 and title.y1 <= height
+
+
+def test_the_stage_timeline_fits_one_row_or_many(hostile_report, monkeypatch, tmp_path):
+    """A run with one arm and one format has a one-row timeline: its title, row label and x label once ran off
+    the figure (tight_layout gave up: too little height for the title strip and the axis labels)."""
+    import warnings
+
+    from kcollapse import figures
+
+    run = Path(shutil.copytree(hostile_report[0], tmp_path / "run"))  # the shared run's report stays whole
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or b"")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Tight layout not applied")
+        write_report(run)
+        title = "stage timeline\nA preserved · B knowledge collapse · C instruction-following collapse"
+        timeline = [f for f in drawn if any(t.get_text() == title for t in f.texts)]
+        assert len(timeline) == 1
+        rows = [(t.get_text(), {0: "A", 1: "B"}) for t in timeline[0].axes[0].get_yticklabels()]
+        assert rows and all(" · " in label for label, _ in rows)  # "arm · format", as the report labels them
+        figures.timeline_figure(rows[:1], 1, run / "unused.png")
+        figures.timeline_figure(rows * 10, 7, run / "unused.png")
+    for fig in timeline + drawn[-2:]:
+        _inside_and_below_title(fig, title)
 
 
 def test_report_on_missing_dir():

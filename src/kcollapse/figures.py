@@ -197,7 +197,8 @@ def _title_above(fig, title: str, size: int = 12) -> None:
 @_literal_text
 def timeline_figure(rows: list[tuple[str, dict[int, str]]], last: int, path: Path) -> bytes:
     """Rows `label -> {generation: stage}` as a coloured grid with the letters written in."""
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * (last + 1) + 3), 0.38 * len(rows) + 1.0))
+    # 1.4 in: the two-line title strip, the tick labels and the x label, which tight_layout needs even for one row
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * (last + 1) + 3), 0.38 * len(rows) + 1.4))
     for y, (label, st) in enumerate(rows):
         for g in range(last + 1):
             s = st.get(g, "")

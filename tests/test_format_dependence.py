@@ -226,6 +226,37 @@ def test_report_shows_the_figure_and_the_verdict(run):
     assert (run / "figures" / "format_dependence.png").stat().st_size > 5000
 
 
+def test_a_format_at_chance_is_n_a_in_both_stage_tables_and_marked_in_the_timeline(run, capsys, monkeypatch):
+    """multiple_choice sits at chance from generation 0: it has no knowledge to lose, so its B onset is n/a in
+    `stages` and in the report (whose table once said "not reached by 5", as if its facts had held) and its
+    timeline row says so; the measurable formats keep their onsets."""
+    import re
+
+    from kcollapse import figures
+    from kcollapse.report import write_report
+
+    monkeypatch.setenv("COLUMNS", "250")
+    stages_command(run)
+    lines = capsys.readouterr().out.splitlines()
+    for arm in ARMS:
+        for fmt in ("multiple_choice", "short_answer", "cloze"):
+            row = next(line for line in lines if f" {arm} " in line and f" {fmt} " in line)
+            assert ("n/a: at chance at gen 0" in row) == (fmt == "multiple_choice"), row
+    drawn, save = [], figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append((path.name, fig)) or save(fig, path))
+    html = write_report(run).read_text()
+    onsets = dict(((arm, fmt), b) for arm, fmt, b in re.findall(
+        r"<td>(\w+)</td><td>(\w+)</td>\s*<td><span class=\"stages\">.*?</span></td>\s*<td>([^<]*)</td>", html, re.S))
+    assert len(onsets) == 3 * len(ARMS)
+    for (arm, fmt), b_onset in onsets.items():
+        assert (b_onset == "n/a: at chance at gen 0") == (fmt == "multiple_choice"), (arm, fmt, b_onset)
+    assert onsets[("split", "short_answer")] == "gen 3"
+    labels = [t.get_text() for t in dict(drawn)["timeline.png"].axes[0].get_yticklabels()]
+    assert len(labels) == 3 * len(ARMS)
+    for label in labels:
+        assert label.endswith("(at chance at gen 0)") == (" multiple_choice" in label), label
+
+
 def test_imported_reference_logs_with_one_format_say_so(tmp_path):
     from kcollapse.reference import import_command
 

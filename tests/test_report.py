@@ -128,7 +128,8 @@ def test_an_arm_figure_keeps_its_title_and_panels_apart(hostile_report, monkeypa
 
 def test_the_stage_timeline_fits_one_row_or_many(hostile_report, monkeypatch, tmp_path):
     """A run with one arm and one format has a one-row timeline: its title, row label and x label once ran off
-    the figure (tight_layout gave up: too little height for the title strip and the axis labels)."""
+    the figure (tight_layout gave up: too little height for the title strip and the axis labels); a long row label
+    ran off its left edge (laid out at 100 dpi, its text measured narrower than in the PNG saved at 80)."""
     import warnings
 
     from kcollapse import figures
@@ -146,7 +147,10 @@ def test_the_stage_timeline_fits_one_row_or_many(hostile_report, monkeypatch, tm
         assert rows and all(" · " in label for label, _ in rows)  # "arm · format", as the report labels them
         figures.timeline_figure(rows[:1], 1, run / "unused.png")
         figures.timeline_figure(rows * 10, 7, run / "unused.png")
-    for fig in timeline + drawn[-2:]:
+        longest = "alpha_1.0_geography · multiple_choice_few_shot"  # the default run's, and at chance there
+        figures.timeline_figure(rows + [(longest, {0: "A"})], 10, run / "unused.png", frozenset({longest}))
+    for fig in timeline + drawn[-3:]:
+        assert fig.dpi == figures.DPI  # laid out at the resolution it is saved at
         _inside_and_below_title(fig, title)
 
 

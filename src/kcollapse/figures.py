@@ -39,12 +39,16 @@ COUNTS = {"synthetic_fact_claims", "synthetic_lettered_answers"}  # the denomina
 SUBJECT_COLOR = {subj: plt.cm.tab10(i) for i, subj in enumerate(SUBJECT_LABEL)}
 
 
+DPI = 80
+
+
 def _literal_text(func):
-    """Names come from files: draw them as written ("$x$" is not mathtext)."""
+    """Names come from files: draw them as written ("$x$" is not mathtext). Figures are laid out at the resolution
+    they are saved at: text measured at another one is a few pixels wider or narrower, enough to clip a label."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        with plt.rc_context({"text.parse_math": False}):
+        with plt.rc_context({"text.parse_math": False, "figure.dpi": DPI}):
             return func(*args, **kwargs)
 
     return wrapper
@@ -52,7 +56,7 @@ def _literal_text(func):
 
 def _png(fig, **kw) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, **kw)
+    fig.savefig(buf, format="png", dpi=DPI, **kw)
     plt.close(fig)
     return buf.getvalue()
 
@@ -195,18 +199,23 @@ def _title_above(fig, title: str, size: int = 12) -> None:
 
 
 @_literal_text
-def timeline_figure(rows: list[tuple[str, dict[int, str]]], last: int, path: Path) -> bytes:
-    """Rows `label -> {generation: stage}` as a coloured grid with the letters written in."""
+def timeline_figure(rows: list[tuple[str, dict[int, str]]], last: int, path: Path,
+                    at_chance: frozenset[str] = frozenset()) -> bytes:
+    """Rows `label -> {generation: stage}` as a coloured grid with the letters written in; rows labelled in
+    `at_chance` (formats at chance at generation 0: their A preserves no knowledge) pale and marked so."""
     # 1.4 in: the two-line title strip, the tick labels and the x label, which tight_layout needs even for one row
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * (last + 1) + 3), 0.38 * len(rows) + 1.4))
     for y, (label, st) in enumerate(rows):
+        pale = label in at_chance
         for g in range(last + 1):
             s = st.get(g, "")
-            ax.add_patch(plt.Rectangle((g - 0.5, y - 0.5), 1, 1, color=STAGE_COLOR.get(s, "#f4f4f4"), ec="white"))
-            ax.text(g, y, s, ha="center", va="center", fontsize=8)
+            ax.add_patch(plt.Rectangle((g - 0.5, y - 0.5), 1, 1, color=STAGE_COLOR.get(s, "#f4f4f4"), ec="white",
+                                       alpha=0.3 if pale else 1.0))
+            ax.text(g, y, s, ha="center", va="center", fontsize=8, color="grey" if pale else "black")
     ax.set_xlim(-0.5, last + 0.5)
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.set_yticks(range(len(rows)), [label + (" (at chance at gen 0)" if label in at_chance else "") for label, _ in rows],
+                  fontsize=8)
     ax.set_xticks(range(last + 1), [str(g) for g in range(last + 1)], fontsize=7)
     ax.set_xlabel("generation")
     _title_above(fig, "stage timeline\nA preserved · B knowledge collapse · C instruction-following collapse", size=9)

@@ -187,6 +187,8 @@ def write_report(run_dir: Path) -> Path:
     fig_dir = run_dir / "figures"
 
     timeline = [(f"{arm} · {fmt}", _points(f)) for arm, a in result["arms"].items() for fmt, f in a["formats"].items()]
+    at_chance = frozenset(f"{arm} · {fmt}" for arm, a in result["arms"].items() for fmt, f in a["formats"].items()
+                          if "error" not in f and not f.get("knowledge_measurable", True))
     arms = [{"name": arm,
              "figure": img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{re.sub(r'[^A-Za-z0-9_.-]', '_', arm)}.png"),
                            f"metrics of arm {arm}"),
@@ -199,7 +201,7 @@ def write_report(run_dir: Path) -> Path:
     body = render(
         "run_report.html", name=run_dir.resolve().name, path=str(run_dir.resolve()), last=last, nav=NAV, arms=arms,
         written=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), stage_table=stage_table(result),
-        timeline=img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png"), "stage timeline") if timeline else None,
+        timeline=img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png", at_chance), "stage timeline") if timeline else None,
         rule=render("stage_rule.html", rules=result["rules"], lead=LEAD_TIME), resistance=mitigation,
         formats=format_section(result, fig_dir),
         middle=[{"id": "order", "title": "Option-order control", "body": rigour.order_section(result, df)},

@@ -29,7 +29,10 @@ def onset_text(value: int | None, last: int | None) -> str:
 
 
 def b_onset_text(f: dict, last: int | None) -> str:
-    """The B onset, marked when the model is position-biased there (a drift to one letter, not only lost facts)."""
+    """The B onset, marked when the model is position-biased there (a drift to one letter, not only lost facts);
+    n/a for a format at chance at generation 0 (stages' `knowledge_measurable`): it has no knowledge to lose."""
+    if "error" not in f and not f.get("knowledge_measurable", True):
+        return "n/a: at chance at gen 0"
     text = onset_text(f.get("onset_B"), last)
     if f.get("onset_B") is not None and f["onset_B"] in f.get("position_bias_generations", []):
         text += " (position bias)"
@@ -70,8 +73,6 @@ def print_stages(result: dict) -> None:
                 cells.append(s, style=colors.get(s, "dim"))
             lead = f.get("lead_time")
             b_on, c_on = (f["error"], "") if "error" in f else (b_onset_text(f, last), onset_text(f["onset_C"], last))
-            if "error" not in f and not f.get("knowledge_measurable", True):
-                b_on = "n/a: at chance at gen 0"
             table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, *[position_text(f)] * biased,
                           "-" if warn is None else f"model {warn}",
                           "-" if lead is None else f"{lead:+d}")

@@ -228,8 +228,8 @@ def test_report_shows_the_figure_and_the_verdict(run):
 
 def test_a_format_at_chance_is_n_a_in_both_stage_tables_and_marked_in_the_timeline(run, capsys, monkeypatch):
     """multiple_choice sits at chance from generation 0: it has no knowledge to lose, so its B onset is n/a in
-    `stages` and in the report (whose table once said "not reached by 5", as if its facts had held) and its
-    timeline row says so; the measurable formats keep their onsets."""
+    `stages` and in the report (whose table once said "not reached by 5", as if its facts had held), and its row
+    in the report's table and timeline is drawn pale and marked; the measurable formats keep their onsets."""
     import re
 
     from kcollapse import figures
@@ -245,12 +245,13 @@ def test_a_format_at_chance_is_n_a_in_both_stage_tables_and_marked_in_the_timeli
     drawn, save = [], figures._save
     monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append((path.name, fig)) or save(fig, path))
     html = write_report(run).read_text()
-    onsets = dict(((arm, fmt), b) for arm, fmt, b in re.findall(
-        r"<td>(\w+)</td><td>(\w+)</td>\s*<td><span class=\"stages\">.*?</span></td>\s*<td>([^<]*)</td>", html, re.S))
-    assert len(onsets) == 3 * len(ARMS)
-    for (arm, fmt), b_onset in onsets.items():
-        assert (b_onset == "n/a: at chance at gen 0") == (fmt == "multiple_choice"), (arm, fmt, b_onset)
-    assert onsets[("split", "short_answer")] == "gen 3"
+    rows = {(arm, fmt): (pale, b) for arm, fmt, pale, b in re.findall(
+        r"<td>(\w+)</td><td>(\w+)</td>\s*<td><span class=\"stages( at-chance)?\">.*?</span></td>\s*<td>([^<]*)</td>",
+        html, re.S)}
+    assert len(rows) == 3 * len(ARMS)
+    for (arm, fmt), (pale, b_onset) in rows.items():
+        assert (b_onset == "n/a: at chance at gen 0") == bool(pale) == (fmt == "multiple_choice"), (arm, fmt, b_onset)
+    assert rows[("split", "short_answer")][1] == "gen 3"
     labels = [t.get_text() for t in dict(drawn)["timeline.png"].axes[0].get_yticklabels()]
     assert len(labels) == 3 * len(ARMS)
     for label in labels:

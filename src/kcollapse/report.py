@@ -30,7 +30,7 @@ from kcollapse.io import atomic_write_text
 from kcollapse.pages import img, page, render
 from kcollapse.rundir import answer_files, load_metrics
 from kcollapse.stages import LEAD_TIME, classify_run, run_stages
-from kcollapse.tables import b_onset_text, onset_text, position_text, test_lines
+from kcollapse.tables import at_chance, b_onset_text, onset_text, position_text, test_lines
 
 SAMPLES_PER_GEN = 2
 QUESTIONS_SHOWN = 6
@@ -51,6 +51,7 @@ def stage_table(result: dict, label: str | None = None) -> Markup:
             stages = _points(f)
             rows.append({"arm": arm, "format": fmt, "cells": [(g, stages.get(g, "·")) for g in range(last + 1)],
                          "onset_B": b_onset_text(f, last), "onset_C": onset_text(f.get("onset_C"), last),
+                         "at_chance": at_chance(f),
                          "position": position_text(f),
                          "accuracy0": (f.get("baseline") or {}).get("accuracy"), "retention": last_pt.get("retention"),
                          "warn": a["model_centric"]["warning_generation"], "warnings": a["model_centric"]["warnings"],
@@ -187,8 +188,7 @@ def write_report(run_dir: Path) -> Path:
     fig_dir = run_dir / "figures"
 
     timeline = [(f"{arm} · {fmt}", _points(f)) for arm, a in result["arms"].items() for fmt, f in a["formats"].items()]
-    at_chance = frozenset(f"{arm} · {fmt}" for arm, a in result["arms"].items() for fmt, f in a["formats"].items()
-                          if "error" not in f and not f.get("knowledge_measurable", True))
+    pale = frozenset(f"{arm} · {fmt}" for arm, a in result["arms"].items() for fmt, f in a["formats"].items() if at_chance(f))
     arms = [{"name": arm,
              "figure": img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{re.sub(r'[^A-Za-z0-9_.-]', '_', arm)}.png"),
                            f"metrics of arm {arm}"),
@@ -201,7 +201,7 @@ def write_report(run_dir: Path) -> Path:
     body = render(
         "run_report.html", name=run_dir.resolve().name, path=str(run_dir.resolve()), last=last, nav=NAV, arms=arms,
         written=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), stage_table=stage_table(result),
-        timeline=img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png", at_chance), "stage timeline") if timeline else None,
+        timeline=img(figures.timeline_figure(timeline, last, fig_dir / "timeline.png", pale), "stage timeline") if timeline else None,
         rule=render("stage_rule.html", rules=result["rules"], lead=LEAD_TIME), resistance=mitigation,
         formats=format_section(result, fig_dir),
         middle=[{"id": "order", "title": "Option-order control", "body": rigour.order_section(result, df)},

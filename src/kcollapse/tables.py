@@ -28,10 +28,16 @@ def onset_text(value: int | None, last: int | None) -> str:
     return f"gen {value}" if value is not None else f"not reached by {last}"
 
 
+def at_chance(f: dict) -> bool:
+    """A format at chance at generation 0 (stages' `knowledge_measurable` false): it has no knowledge to lose, so
+    its stage A preserves none and B does not apply."""
+    return "error" not in f and not f.get("knowledge_measurable", True)
+
+
 def b_onset_text(f: dict, last: int | None) -> str:
     """The B onset, marked when the model is position-biased there (a drift to one letter, not only lost facts);
-    n/a for a format at chance at generation 0 (stages' `knowledge_measurable`): it has no knowledge to lose."""
-    if "error" not in f and not f.get("knowledge_measurable", True):
+    n/a for a format at chance at generation 0."""
+    if at_chance(f):
         return "n/a: at chance at gen 0"
     text = onset_text(f.get("onset_B"), last)
     if f.get("onset_B") is not None and f["onset_B"] in f.get("position_bias_generations", []):

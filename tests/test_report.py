@@ -120,6 +120,11 @@ def test_an_arm_figure_keeps_its_title_and_panels_apart(hostile_report, monkeypa
                        run / "unused.png")
     fig = drawn[0]
     _inside_and_below_title(fig, "arm alpha_1.0")
+    accuracy = fig.axes[0]  # its legend sits where no point is (lower left covered a format at chance)
+    legend = accuracy.get_legend().get_window_extent(fig.canvas.get_renderer())
+    points = [accuracy.transData.transform(xy) for line in accuracy.get_lines() if line.get_linestyle() != ":"
+              for xy in line.get_xydata()]
+    assert len(points) >= 16 and not any(legend.contains(*p) for p in points)
     boxes = [ax.get_tightbbox(fig.canvas.get_renderer()) for ax in fig.axes if ax.axison]
     assert len(boxes) >= 30
     for i, box in enumerate(boxes):

@@ -142,7 +142,7 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
             ax.set_title(f"accuracy · {name}  [{f.get('stages', '')}]", fontsize=9)
             ax.set_ylim(0, 1.02)
             if not legend_done.get(kind):
-                ax.legend(fontsize=7, loc="lower left")
+                ax.legend(fontsize=7, loc="best")  # a format at chance runs along the bottom
         elif kind == "task" or (kind == "other" and adf.loc[adf["metric"] == name, "format"].notna().any()):
             shade(ax, worst)
             for fmt in formats:

@@ -10,7 +10,7 @@ import yaml
 from kcollapse import resistance as R
 from kcollapse import stats
 from kcollapse.tables import resistance_lines
-from kcollapse.io import write_jsonl
+from kcollapse.io import read_jsonl, write_jsonl
 
 ARMS = [{"name": "general", "synthetic_ratio": 1.0}, {"name": "geo", "synthetic_ratio": 1.0, "domain": "geography"}]
 
@@ -200,6 +200,40 @@ def test_identical_arms_give_a_factor_of_exactly_one_in_every_resample(tmp_path)
     f = R.compare(twin, "geo", "general", n_boot=200)["formats"]["cloze"]
     assert f["auc_ratio"] == 1.0 and f["auc_ratio_ci"] == [1.0, 1.0]
     assert f["factor"] in (1.0, None) and (f["ci"] is None or f["ci"] == [1.0, 1.0])
+
+
+def test_a_format_lifted_past_the_margin_by_a_small_subject_is_not_compared(tmp_path):
+    """The default run's letter formats sit at chance (0.26 on all 300 questions) but scored 0.31-0.32 on its 100
+    geography questions, past chance + min_margin by luck: their resistance factors were noise, and so was "all",
+    which averaged them in. With per-question answers a format counts only where generation 0 is above chance in
+    95% of the resamples; one that knows a little more (0.45 on as many questions) still counts."""
+    run = fake_run(tmp_path / "r", n_seed_q=100, formats=("cloze",))
+    rng = np.random.default_rng(7)
+    rows = read_jsonl(run / "metrics.jsonl")
+    for fmt, known0 in (("no_instruction", 32), ("short_answer", 45)):
+        for arm in ("geo", "general"):
+            for g in range(6):  # generation 0 is one model, shared by both arms as in the loop; then guesses
+                correct = np.arange(100) < known0 if g == 0 else rng.random(100) < 0.25
+                for subject in ("geography", "chemistry"):
+                    recs = [{"id": f"{subject}{i}", "is_correct": bool(c), "choices": ["a", "b", "c", "d"]}
+                            for i, c in enumerate(correct)]
+                    write_jsonl(run / f"arms/{arm}/gen_{g}/answers/{subject}__{fmt}.jsonl", recs)
+                    rows.append({"arm": arm, "generation": g, "metric": "accuracy", "format": fmt, "subject": subject,
+                                 "value": float(correct.mean())})
+    write_jsonl(run / "metrics.jsonl", rows)
+    c = R.summarise_run(run, n_boot=400)["comparisons"][0]
+    f = c["formats"]["no_instruction"]
+    assert f["factor"] is None and f["ci"] is None and not f["measurable"] and f["decline_ratio_text"] == "n/a"
+    assert f["text"] == "n/a (generation-0 accuracy 0.32 not significantly above chance 0.25 on 100 questions)"
+    assert c["formats"]["short_answer"]["measurable"] and c["formats"]["short_answer"]["factor"] is not None
+    for arm in ("geo", "general"):
+        assert "no_instruction" not in c["regimes"][arm] and "short_answer" in c["regimes"][arm]
+        mean = np.mean([c["formats"][k]["retention"][arm] for k in ("cloze", "short_answer")], axis=0)
+        assert c["formats"]["all"]["retention"][arm] == pytest.approx(list(mean))  # "all": the measurable formats
+    from kcollapse.report import resistance_section
+
+    page = str(resistance_section(R.summarise_run(run, n_boot=50)))
+    assert "not significantly above chance" in page and "None" not in page  # an unknown regime is "–"
 
 
 def test_html_section_escapes_text_and_embeds_the_figure():

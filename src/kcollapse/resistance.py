@@ -6,7 +6,10 @@ statistics (retention above chance, fall times and censoring, decline rates, pai
 kcollapse.stats's; this module lays the data out for them:
 
 - Retention(g) on the domain's subject, per format ("all" = mean over formats), above chance (stats.retention).
-  Both arms of a comparison are scored on the same questions: those of the domain arm's subject.
+  Both arms of a comparison are scored on the same questions: those of the domain arm's subject. A format counts
+  where its generation-0 accuracy there is `min_margin` above chance and, with per-question answers, above chance
+  in `ci` of the resamples (a one-sided bootstrap test: a subject's 100 questions lift a format at chance past the
+  margin by luck); the others are n/a, left out of "all" and of the domain regimes.
 - Onset ratio (resistance factor) = generations until retention falls below `threshold` (0.8), domain arm over
   general arm; an arm that never falls is censored at N, the last generation (">= N/M", "<= M/N", or n/a when
   neither fell). Its interval is censoring-aware (stats.bounds_interval): no resample is dropped for censoring;
@@ -135,6 +138,12 @@ def compare(correct: pd.DataFrame, domain_arm: str, general_arm: str, threshold:
     with np.errstate(invalid="ignore", divide="ignore"):
         acc = num / den
     ret = stats.retention(acc, acc[:, :, :1, :], chance, min_margin)
+    known = np.isfinite(ret[0, :, 0, :]).all(axis=0)  # generation 0 more than min_margin above chance
+    # on a small subject a format at chance passes the margin by luck (the default run's letter formats: 0.31 on
+    # 100 geography questions): with resamples it counts only if generation 0 is above chance in `ci` of them
+    above_chance = (acc[1:, :, 0, :] > chance).all(axis=1).mean(axis=0) if boot else np.ones(len(formats))
+    known &= above_chance >= ci
+    ret[..., ~known] = np.nan
     with warnings.catch_warnings():  # a format at chance (all NaN) is left out of "all"
         warnings.simplefilter("ignore", RuntimeWarning)
         ret = np.concatenate([ret, np.nanmean(ret, axis=3, keepdims=True)], axis=3)
@@ -153,17 +162,21 @@ def compare(correct: pd.DataFrame, domain_arm: str, general_arm: str, threshold:
     for f, fmt in enumerate(formats + ["all"]):
         value, text = factor_text(int(t[0, 0, f]), not fell[0, 0, f], int(t[0, 1, f]), not fell[0, 1, f])
         interval, kind = stats.bounds_interval(lower[:, f], upper[:, f], ci) if boot else (None, "n/a")
-        if not measured[0, f]:
+        if f < len(formats) and not known[f] and np.isfinite(acc[0, 0, 0, f] - chance[f]) and \
+                acc[0, 0, 0, f] - chance[f] > min_margin:
+            value, text, interval, kind = None, (f"n/a (generation-0 accuracy {acc[0, 0, 0, f]:.2f} not significantly above "
+                                                 f"chance {chance[f]:.2f} on {Q} questions)"), None, "n/a"
+        elif not measured[0, f]:
             value, text, interval, kind = None, "n/a (generation-0 accuracy not above chance)", None, "n/a"
         rr = rate_ratio[:, f]
         rr_interval, rr_kind = stats.bounds_interval(rr, rr, ci) if boot else (None, "n/a")
         out[fmt] = {
-            "factor": value, "text": text, "ci": interval, "ci_kind": kind,
+            "factor": value, "text": text, "ci": interval, "ci_kind": kind, "measurable": bool(measured[0, f]),
             "generations_to_fall": {domain_arm: int(t[0, 0, f]), general_arm: int(t[0, 1, f])},
             "censored": {domain_arm: bool(not fell[0, 0, f]), general_arm: bool(not fell[0, 1, f])},
             "decline_rate": {a: _num(rate[0, i, f]) for i, a in enumerate(arms)},
             "decline_rate_ci": {a: stats.interval(rate[:, i, f], ci) for i, a in enumerate(arms)},
-            "decline_ratio": _num(rr[0]), "decline_ratio_text": ratio_text(rr[0]),
+            "decline_ratio": _num(rr[0]), "decline_ratio_text": ratio_text(rr[0]) if measured[0, f] else "n/a",
             "decline_ratio_ci": rr_interval, "decline_ratio_ci_kind": rr_kind,
             "decline_ratio_undefined_share": float(np.isnan(rr[1:]).mean()) if boot else None,
             "auc_ratio": _num(auc_ratio[0, f]), "auc_ratio_ci": stats.interval(auc_ratio[:, f], ci),
@@ -182,16 +195,17 @@ def _num(x):
 
 
 def retention_at_last(metrics: pd.DataFrame, arm: str, subject=None, exclude=(), chance=None,
-                      min_margin: float = 0.05) -> dict[str, dict]:
+                      min_margin: float = 0.05, formats=None) -> dict[str, dict]:
     """format -> {retention, per_seed, generation, regime} at the arm's last generation, retention above chance
     (subject None = all questions; subject '*others*' = mean over benchmark subjects except `exclude`; chance:
-    format -> chance, default 0.25)."""
+    format -> chance, default 0.25; formats: only these, e.g. those a comparison found measurable)."""
     if subject == "*others*":
         acc = _with_seed(metrics[(metrics.metric == "accuracy") & metrics.subject.notna() & metrics.format.notna()])
         acc = acc[~acc.subject.isin(list(exclude)) & ~acc.subject.astype(str).str.startswith("split:")]
     else:
         acc = _accuracy(metrics, subject)
-    acc = acc[acc["arm"] == arm].groupby(["seed", "format", "generation"])["value"].mean().unstack("generation")
+    acc = acc[(acc["arm"] == arm) & (acc["format"].isin(formats) if formats is not None else True)]
+    acc = acc.groupby(["seed", "format", "generation"])["value"].mean().unstack("generation")
     if acc.empty or 0 not in acc.columns:
         return {}
     last = int(acc.columns.max())
@@ -229,11 +243,12 @@ def summarise(metrics: pd.DataFrame, arms: list, answers: pd.DataFrame | None = 
             ans = _accuracy(metrics, domain).assign(id="*").rename(columns={"value": "correct"})
             ans = ans.assign(chance=[chance.get(f, stats.DEFAULT_CHANCE) for f in ans["format"]])
         result = compare(ans, dom, gen, threshold, n_boot, ci, seed, min_margin)
+        known = [f for f, c in result["formats"].items() if c["measurable"] and f != "all"] if "formats" in result else None
         tokens = metrics[metrics.metric == "train_tokens"].groupby(["arm", "seed"])["value"].sum().groupby("arm").mean()
         result.update(domain=domain, domain_arm=dom, general_arm=gen,
                       train_tokens={a: _num(tokens.get(a)) for a in (dom, gen)},
                       elsewhere={a: retention_at_last(metrics, a, "*others*", [domain], chance, min_margin) for a in (dom, gen)},
-                      regimes={a: retention_at_last(metrics, a, domain, (), chance, min_margin) for a in (dom, gen)})
+                      regimes={a: retention_at_last(metrics, a, domain, (), chance, min_margin, known) for a in (dom, gen)})
         comparisons.append(result)
     regimes = {a: retention_at_last(metrics, a, None, (), chance, min_margin) for a in arm_cfg if a in set(metrics["arm"])}
     return {"threshold": threshold, "ci_level": ci, "comparisons": comparisons, "regimes": regimes,

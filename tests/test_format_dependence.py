@@ -258,6 +258,18 @@ def test_a_format_at_chance_is_n_a_in_both_stage_tables_and_marked_in_the_timeli
         assert label.endswith("(at chance at gen 0)") == (" multiple_choice" in label), label
 
 
+def test_the_answers_shown_come_from_a_format_the_model_knew(run, result):
+    """An arm that never reaches B shows its first format above chance, not multiple_choice's guesses (the default
+    recipe lists multiple_choice first; at chance there, its "right at generation 0" answers were luck)."""
+    from kcollapse.report import answers_section
+
+    drift = result["arms"]["drift"]
+    assert all(f["onset_B"] is None for f in drift["formats"].values())
+    letters_first = dict(drift, formats={k: drift["formats"][k] for k in ("multiple_choice", "cloze", "short_answer")})
+    assert "Format <b>cloze</b>" in str(answers_section(run, "drift", letters_first))
+    assert "Format <b>short_answer</b>" in str(answers_section(run, "split", result["arms"]["split"]))  # its B onset
+
+
 def test_imported_reference_logs_with_one_format_say_so(tmp_path):
     from kcollapse.reference import import_command
 

@@ -86,13 +86,15 @@ def resistance_section(summary: dict, label: str = "") -> Markup:
 
 
 def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> Markup:
-    """Chosen questions of one format, the model's answers at generation 0, mid and last side by side."""
+    """Chosen questions of one format (the earliest B onset, else the first format above chance at generation 0),
+    the model's answers at generation 0, mid and last side by side."""
     files = {k: v for k, v in answer_files(run_dir).items() if k[0] == arm}
     if not files:
         return render("answers.html", fmt=None)
     fmts = [f for f in arm_stages.get("formats", {}) if (arm, 0, f) in files] or sorted({f for _, _, f in files})
-    fmt = min(fmts, key=lambda f: (arm_stages["formats"].get(f, {}).get("onset_B") is None,
-                                   arm_stages["formats"].get(f, {}).get("onset_B") or 0))
+    stage = lambda f: arm_stages.get("formats", {}).get(f, {})  # noqa: E731
+    # the earliest collapse; else a format the model knew (one at chance shows guesses, not lost facts)
+    fmt = min(fmts, key=lambda f: (stage(f).get("onset_B") is None, stage(f).get("onset_B") or 0, at_chance(stage(f))))
     gens = sorted(g for a, g, f in files if f == fmt)
     shown = sorted({gens[0], gens[len(gens) // 2], gens[-1]})
 

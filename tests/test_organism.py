@@ -231,6 +231,14 @@ def test_quick_preset_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((out / "state.json").read_text())["complete"] is True
     assert (out / "report.html").is_file() and (out / "stages.json").is_file()
+    page, stages = (out / "report.html").read_text(), json.loads((out / "stages.json").read_text())
+    # the control has no synthetic text: one line, and the section opens on the arm that has some
+    assert re.search(r"<details><summary>alpha_0</summary>\s*<p class=\"note\">No synthetic text in any of its 3 generations", page)
+    assert "<details open><summary>alpha_1.0</summary>" in page and page.count("<details open>") == 1
+    shown = re.findall(r'<p class="note">Format <b>(\w+)</b>', page)
+    assert len(shown) == 2
+    for arm, fmt in zip(("alpha_0", "alpha_1.0"), shown):
+        assert stages["arms"][arm]["formats"][fmt]["knowledge_measurable"], (arm, fmt)  # answers the model knew
     sources = json.loads((out / "run.json").read_text())["organism_sources"]
     assert sources == {"mendeleev": importlib.metadata.version("mendeleev")}  # the quick world is chemistry only
     df = pd.read_json(out / "metrics.jsonl", lines=True)

@@ -131,6 +131,11 @@ def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> Markup:
 
 def synthetic_section(run_dir: Path, arm: str) -> Markup:
     """A few synthetic training texts of every generation (streamed: files can be large)."""
+    return render("synthetic.html", generations=synthetic_samples(run_dir, arm))
+
+
+def synthetic_samples(run_dir: Path, arm: str) -> list[dict]:
+    """Per generation of an arm: its name, how many synthetic texts its mix held, the first few of them."""
     generations = []
     paths = sorted(Path(run_dir).glob(f"arms/{arm}/gen_*/synthetic.jsonl"),
                    key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
@@ -147,7 +152,7 @@ def synthetic_section(run_dir: Path, arm: str) -> Markup:
                     if len(samples) < SAMPLES_PER_GEN:
                         samples.append(r.get("text"))
         generations.append({"name": path.parent.name, "total": total, "samples": samples})
-    return render("synthetic.html", generations=generations)
+    return generations
 
 
 def _derived_rows(result: dict) -> pd.DataFrame:
@@ -194,8 +199,11 @@ def write_report(run_dir: Path) -> Path:
     arms = [{"name": arm,
              "figure": img(figures.arm_figure(df, arm, a, fig_dir / f"arm_{re.sub(r'[^A-Za-z0-9_.-]', '_', arm)}.png"),
                            f"metrics of arm {arm}"),
-             "answers": answers_section(run_dir, arm, a), "synthetic": synthetic_section(run_dir, arm)}
+             "answers": answers_section(run_dir, arm, a), "synthetic": synthetic_samples(run_dir, arm)}
             for arm, a in result["arms"].items()]
+    shown = next((a for a in arms if any(g["total"] for g in a["synthetic"])), arms[0] if arms else None)
+    for a in arms:  # the first arm with synthetic text opens (a control arm has none)
+        a["synthetic"], a["open"] = render("synthetic.html", generations=a["synthetic"]), a is shown
     mitigation = None
     if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
         mitigation = resistance_section(resistance.summarise_run(run_dir))

@@ -159,6 +159,23 @@ def test_the_stage_timeline_fits_one_row_or_many(hostile_report, monkeypatch, tm
         _inside_and_below_title(fig, title)
 
 
+def test_a_reliability_legend_leaves_the_bins_visible(tmp_path, monkeypatch):
+    """The default run's short answer has right answers at low confidence (bins at the upper left), where the
+    legend sat and hid four of them; it now goes where no bin is."""
+    from kcollapse import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or b"")
+    bins = lambda pts: [{"confidence": c, "accuracy": a, "n": 10} for c, a in pts]  # noqa: E731
+    curves = {"short_answer": {"generation 0": bins([(0.3, 1.0), (0.35, 0.9), (0.45, 0.95), (0.6, 0.85), (0.95, 1.0)]),
+                               "alpha_1.0 gen 10": bins([(0.3, 0.5), (0.4, 0.95), (0.55, 0.6), (0.8, 0.3)])}}
+    figures.reliability_figure(curves, tmp_path / "unused.png")
+    ax = drawn[0].axes[0]
+    legend = ax.get_legend().get_window_extent(drawn[0].canvas.get_renderer())
+    points = [ax.transData.transform(xy) for c in ax.collections for xy in c.get_offsets()]
+    assert len(points) == 9 and not any(legend.contains(*p) for p in points)
+
+
 def test_report_on_missing_dir():
     with pytest.raises(UserError, match="not found"):
         write_report(Path("/nonexistent/run"))

@@ -343,7 +343,7 @@ def reliability_figure(curves: dict[str, dict[str, list[dict]]], path: Path) -> 
         ax.set_ylabel("accuracy", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="upper left")
+        ax.legend(fontsize=6, loc="best")
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
     fig.tight_layout()

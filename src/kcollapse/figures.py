@@ -202,13 +202,13 @@ def _title_above(fig, title: str, size: int = 12) -> None:
 def timeline_figure(rows: list[tuple[str, dict[int, str]]], last: int, path: Path,
                     at_chance: frozenset[str] = frozenset()) -> bytes:
     """Rows `label -> {generation: stage}` as a coloured grid with the letters written in; rows labelled in
-    `at_chance` (formats at chance at generation 0: their A preserves no knowledge) pale and marked so."""
+    `at_chance` (formats at chance at generation 0: their A preserves no knowledge) marked so, their A cells pale."""
     # 1.4 in: the two-line title strip, the tick labels and the x label, which tight_layout needs even for one row
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * (last + 1) + 3), 0.38 * len(rows) + 1.4))
     for y, (label, st) in enumerate(rows):
-        pale = label in at_chance
         for g in range(last + 1):
             s = st.get(g, "")
+            pale = label in at_chance and s == "A"  # C (format broken) still applies to a format at chance
             ax.add_patch(plt.Rectangle((g - 0.5, y - 0.5), 1, 1, color=STAGE_COLOR.get(s, "#f4f4f4"), ec="white",
                                        alpha=0.3 if pale else 1.0))
             ax.text(g, y, s, ha="center", va="center", fontsize=8, color="grey" if pale else "black")

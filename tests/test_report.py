@@ -181,11 +181,23 @@ def test_report_on_missing_dir():
         write_report(Path("/nonexistent/run"))
 
 
-def test_compare_overlays_runs(tmp_path):
+def test_compare_overlays_runs(tmp_path, monkeypatch):
+    from kcollapse import figures
+
     a = make_run(tmp_path / "a" / "run", NOISY, model=NOISY_MODEL, n_questions=40)
     b = make_run(tmp_path / "b" / "run", {"alpha_0.5": NOISY["alpha_1.0"]}, n_questions=40, answers=False, seed=1)
     out = tmp_path / "cmp"
+    drawn, save = [], figures._save
+    keep = lambda fig, path: drawn.append((fig, fig.canvas.get_renderer())) or save(fig, path)  # noqa: E731
+    monkeypatch.setattr(figures, "_save", keep)
     compare_command([a, b], out)
+    fig, renderer = drawn[0]  # one legend for every panel, below them, off their lines (a legend each covered them)
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in panels)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a/run/alpha_1.0", "b/run/alpha_0.5"]
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert legend.x0 >= 0 and legend.y0 >= 0 and legend.x1 <= fig.bbox.width
+    assert not any(legend.overlaps(ax.get_tightbbox(renderer)) for ax in panels)
     df = pd.read_csv(out / "comparison.csv")
     assert set(df["run"]) == {"a/run", "b/run"}  # same directory names: parents disambiguate
     assert {"run", "arm", "generation", "metric", "value", "format", "subject", "stage"} <= set(df.columns)

@@ -190,12 +190,13 @@ def _grid_layout(fig, rows: int, cols: int, top: float = 0.55, bottom: float = 0
                         hspace=row_gap / axes_h, wspace=col_gap / axes_w)
 
 
-def _title_above(fig, title: str, size: int = 12) -> None:
+def _title_above(fig, title: str, size: int = 12, bottom: float = 0.0) -> None:
     """A left-aligned figure title in its own strip: tight_layout alone lets it overlap the first row's panel
-    titles, and a title centred on a narrow axes runs off the figure."""
+    titles, and a title centred on a narrow axes runs off the figure. `bottom`: inches kept free below the panels."""
     fig.suptitle(title, fontsize=size, x=0.01, ha="left")
     lines = title.count("\n") + 1
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.05 + 0.2 * lines * size / 12) / fig.get_figheight()))
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom / height, 1, 1 - (0.05 + 0.2 * lines * size / 12) / height))
 
 
 @_literal_text
@@ -259,25 +260,31 @@ def format_figure(dependence: dict[str, dict], path: Path, level: int = 95) -> b
 
 @_literal_text
 def overlay_figure(panels: list[tuple[str, dict[str, pd.Series]]], path: Path, title: str) -> bytes:
-    """Panels of `title -> {line label: generation-indexed series}` (compare)."""
+    """Panels of `title -> {line label: generation-indexed series}` (compare), one legend below them all (a line
+    keeps its colour in every panel; a legend per panel covered its lines)."""
     cols = 3
     rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(15, 3.4 * rows), squeeze=False)
     labels = list(dict.fromkeys(k for _, lines in panels for k in lines))
+    legend_rows = math.ceil(len(labels) / 4)
+    legend_height = 0.1 + 0.22 * legend_rows
+    fig, axes = plt.subplots(rows, cols, figsize=(15, 3.4 * rows + legend_height), squeeze=False)
     cmap = plt.cm.tab10 if len(labels) <= 10 else plt.cm.tab20
     colors = {k: cmap(i % cmap.N) for i, k in enumerate(labels)}
+    handles = {}
     for ax, (name, lines) in zip(axes.flat, panels):
         for label, s in lines.items():
-            ax.plot(s.index, s.values, "o-", ms=3, color=colors[label], label=label)
+            handles[label], = ax.plot(s.index, s.values, "o-", ms=3, color=colors[label], label=label)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("generation", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    _title_above(fig, title)
+    if handles:
+        fig.legend([handles[k] for k in labels if k in handles], [k for k in labels if k in handles], loc="lower left",
+                   bbox_to_anchor=(0.01, 0.0), ncol=4, fontsize=8, frameon=False)
+    _title_above(fig, title, bottom=legend_height)
     return _save(fig, path)
 
 

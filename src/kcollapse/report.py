@@ -201,9 +201,9 @@ def write_report(run_dir: Path) -> Path:
                            f"metrics of arm {arm}"),
              "answers": answers_section(run_dir, arm, a), "synthetic": synthetic_samples(run_dir, arm)}
             for arm, a in result["arms"].items()]
-    shown = next((a for a in arms if any(g["total"] for g in a["synthetic"])), arms[0] if arms else None)
+    opened = next((a for a in arms if any(g["total"] for g in a["synthetic"])), arms[0] if arms else None)
     for a in arms:  # the first arm with synthetic text opens (a control arm has none)
-        a["synthetic"], a["open"] = render("synthetic.html", generations=a["synthetic"]), a is shown
+        a["synthetic"], a["open"] = render("synthetic.html", generations=a["synthetic"]), a is opened
     mitigation = None
     if (run_dir / "config.yaml").is_file() and resistance.pairs(resistance.load_arms(run_dir)):  # domain arm + its general twin
         mitigation = resistance_section(resistance.summarise_run(run_dir))

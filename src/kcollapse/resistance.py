@@ -138,11 +138,11 @@ def compare(correct: pd.DataFrame, domain_arm: str, general_arm: str, threshold:
     with np.errstate(invalid="ignore", divide="ignore"):
         acc = num / den
     ret = stats.retention(acc, acc[:, :, :1, :], chance, min_margin)
-    known = np.isfinite(ret[0, :, 0, :]).all(axis=0)  # generation 0 more than min_margin above chance
+    past_margin = np.isfinite(ret[0, :, 0, :]).all(axis=0)  # generation 0 more than min_margin above chance
     # on a small subject a format at chance passes the margin by luck (the default run's letter formats: 0.31 on
     # 100 geography questions): with resamples it counts only if generation 0 is above chance in `ci` of them
     above_chance = (acc[1:, :, 0, :] > chance).all(axis=1).mean(axis=0) if boot else np.ones(len(formats))
-    known &= above_chance >= ci
+    known = past_margin & (above_chance >= ci)
     ret[..., ~known] = np.nan
     with warnings.catch_warnings():  # a format at chance (all NaN) is left out of "all"
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -162,10 +162,9 @@ def compare(correct: pd.DataFrame, domain_arm: str, general_arm: str, threshold:
     for f, fmt in enumerate(formats + ["all"]):
         value, text = factor_text(int(t[0, 0, f]), not fell[0, 0, f], int(t[0, 1, f]), not fell[0, 1, f])
         interval, kind = stats.bounds_interval(lower[:, f], upper[:, f], ci) if boot else (None, "n/a")
-        if f < len(formats) and not known[f] and np.isfinite(acc[0, 0, 0, f] - chance[f]) and \
-                acc[0, 0, 0, f] - chance[f] > min_margin:
-            value, text, interval, kind = None, (f"n/a (generation-0 accuracy {acc[0, 0, 0, f]:.2f} not significantly above "
-                                                 f"chance {chance[f]:.2f} on {Q} questions)"), None, "n/a"
+        if f < len(formats) and past_margin[f] and not known[f]:
+            value, text, interval, kind = None, (f"n/a (generation-0 accuracy {acc[0, 0, 0, f]:.2f} not significantly "
+                                                 f"above chance {chance[f]:.2f} on {Q} questions)"), None, "n/a"
         elif not measured[0, f]:
             value, text, interval, kind = None, "n/a (generation-0 accuracy not above chance)", None, "n/a"
         rr = rate_ratio[:, f]

@@ -76,7 +76,8 @@ def print_stages(result: dict) -> None:
             cells = Text()
             for g in range(0, (last or 0) + 1):
                 s = by_gen.get(g, "·")
-                cells.append(s, style="dim" if at_chance(f) and s == "A" else colors.get(s, "dim"))  # pale, as in the report
+                pale = at_chance(f) and s == "A"  # as in the report
+                cells.append(s, style="dim" if pale else colors.get(s, "dim"))
             lead = f.get("lead_time")
             b_on, c_on = (f["error"], "") if "error" in f else (b_onset_text(f, last), onset_text(f["onset_C"], last))
             table.add_row(_plain(arm), _plain(fmt), cells, b_on, c_on, *[position_text(f)] * biased,

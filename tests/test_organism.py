@@ -218,13 +218,15 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir().parts[-2:] == (".cache", "kcollapse")
 
 
-def test_quick_preset_runs_end_to_end(tmp_path):
+def test_quick_preset_runs_end_to_end(tmp_path, monkeypatch):
     """`kcollapse run --preset quick`, as a user runs it: generation 0 trained from scratch (into a fresh cache),
     two arms x three generations, stages and report. The model must know its facts at generation 0."""
     import pandas as pd
     from typer.testing import CliRunner
 
+    from kcollapse import figures
     from kcollapse.cli import app
+    from kcollapse.rundir import load_metrics
 
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "--preset", "quick", "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}"])
@@ -239,6 +241,18 @@ def test_quick_preset_runs_end_to_end(tmp_path):
     assert len(shown) == 2
     for arm, fmt in zip(("alpha_0", "alpha_1.0"), shown):
         assert stages["arms"][arm]["formats"][fmt]["knowledge_measurable"], (arm, fmt)  # answers the model knew
+    # the arm figure names every line in a legend (one legend per kind of panel left the fluency panel's two lines,
+    # the synthetic text's and the answers', unnamed) and calls the held-out perplexity's text what it is
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or b"")
+    figures.arm_figure(load_metrics(out), "alpha_1.0", stages["arms"]["alpha_1.0"], tmp_path / "unused.png")
+    panels = {ax.get_title(): ax for ax in drawn[0].axes if ax.axison}
+    lines = {label for ax in panels.values() for label in ax.get_legend_handles_labels()[1]}
+    named = {t.get_text() for ax in panels.values() if ax.get_legend() for t in ax.get_legend().get_texts()}
+    assert lines <= named, lines - named
+    heldout = panels["perplexity heldout (model-centric)"].get_legend_handles_labels()[1]
+    assert [label for label in heldout if not label.startswith("model-centric warning")] == ["held-out real text"]
+    assert set(panels["fluency (model-centric)"].get_legend_handles_labels()[1]) == {"synthetic part", "free-text answers"}
     sources = json.loads((out / "run.json").read_text())["organism_sources"]
     assert sources == {"mendeleev": importlib.metadata.version("mendeleev")}  # the quick world is chemistry only
     df = pd.read_json(out / "metrics.jsonl", lines=True)

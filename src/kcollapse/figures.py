@@ -34,6 +34,9 @@ MODEL_ORDER = ["perplexity", "perplexity_heldout", "entropy", "entropy_std", "di
                "repetition_rate", "fluency", "synthetic_fact_error", "synthetic_letter_mismatch"]
 SUBJECT_LABEL = {None: "whole mix", "synthetic": "synthetic part", "real": "real part", "answers": "free-text answers",
                  "split:train": "training facts", "split:heldout": "held-out facts"}
+# what a row without a subject describes where that is not the generation's whole training mix
+UNSPLIT = {"perplexity_heldout": ("held-out real text", None), "synthetic_fact_error": ("all facts", None),
+           "synthetic_letter_mismatch": ("synthetic part", "synthetic")}  # label, and the subject whose colour it takes
 COUNTS = {"synthetic_fact_claims", "synthetic_lettered_answers"}  # the denominators of two rates: not curves
 # one colour per text source in every panel, whichever sources a metric has
 SUBJECT_COLOR = {subj: plt.cm.tab10(i) for i, subj in enumerate(SUBJECT_LABEL)}
@@ -121,7 +124,7 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
     fig, axes = plt.subplots(rows, cols, figsize=(16, 3.3 * rows), squeeze=False)
     worst = worst_stage(arm_stages.get("formats", {}))
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(formats)}
-    legend_done: dict[str, bool] = {}
+    explained: set[str] = set()  # labels a legend has shown: colours mean the same in every panel
     for ax, (kind, name) in zip(axes.flat, panels):
         if kind == "acc":
             f = arm_stages.get("formats", {}).get(name, {})
@@ -141,8 +144,6 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
             ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
             ax.set_title(f"accuracy · {name}  [{f.get('stages', '')}]", fontsize=9)
             ax.set_ylim(0, 1.02)
-            if not legend_done.get(kind):
-                ax.legend(fontsize=7, loc="best")  # a format at chance runs along the bottom
         elif kind == "task" or (kind == "other" and adf.loc[adf["metric"] == name, "format"].notna().any()):
             shade(ax, worst)
             for fmt in formats:
@@ -150,24 +151,24 @@ def arm_figure(df: pd.DataFrame, arm: str, arm_stages: dict, path: Path) -> byte
                 if not s.empty:
                     ax.plot(s.index, s.values, "o-", ms=3, color=colors.get(fmt), label=fmt)
             ax.set_title(name.replace("_", " ") + " (per format)", fontsize=9)
-            if not legend_done.get(kind):
-                ax.legend(fontsize=6)
         else:
             shade(ax, worst)
             for subj, s in adf[(adf["metric"] == name) & adf["format"].isna()].groupby("subject", dropna=False):
                 subj = None if pd.isna(subj) else subj
                 s = s.groupby("generation")["value"].last().sort_index()
-                label = "all facts" if subj is None and name == "synthetic_fact_error" else SUBJECT_LABEL.get(subj, str(subj))
-                ax.plot(s.index, s.values, "o-", ms=3, color=SUBJECT_COLOR.get(subj), label=label)
+                label, like = UNSPLIT.get(name, (SUBJECT_LABEL[None], None)) if subj is None else (
+                    SUBJECT_LABEL.get(subj, str(subj)), subj)
+                ax.plot(s.index, s.values, "o-", ms=3, color=SUBJECT_COLOR.get(like), label=label)
             mc = arm_stages.get("model_centric", {})
             warned = mc.get("warnings", {}).get(name)
             if warned is not None:  # warnings count models; model w's text is generation w+1's row
                 shift = str(mc.get("sources", {}).get(name, {}).get("written_by", "")).startswith("model g-1")
                 ax.axvline(warned + shift, color="black", ls="--", lw=0.9, label=f"model-centric warning (model {warned})")
             ax.set_title(name.replace("_", " ") + (" (model-centric)" if kind == "model" else ""), fontsize=9)
-            if not legend_done.get(kind) or name == "synthetic_fact_error":  # its own lines: facts by split
-                ax.legend(fontsize=6)
-        legend_done[kind] = True  # colours are the same in every panel: one legend per kind of panel
+        labels = set(ax.get_legend_handles_labels()[1])
+        if labels - explained:  # a legend where a line appears that no earlier one explained
+            ax.legend(fontsize=7 if kind == "acc" else 6, loc="best")  # "best": e.g. a format at chance runs along the bottom
+            explained |= labels
         ax.set_xlabel("generation", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)

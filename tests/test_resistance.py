@@ -236,6 +236,43 @@ def test_a_format_lifted_past_the_margin_by_a_small_subject_is_not_compared(tmp_
     assert "not significantly above chance" in page and "None" not in page  # an unknown regime is "–"
 
 
+def _rising_general_arm(run, seed):
+    """The general arm of `run` rewritten: each generation a few facts lost and more gained, as Gemma 3 270M's cloze
+    rose under alpha 1.0 (0.77 -> 0.87) while the general arm of the resistance test was meant to decline."""
+    rng = np.random.default_rng(seed)
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["arm"] != "general"]
+    known = np.array([r["is_correct"] for r in read_jsonl(run / "arms/geo/gen_0/answers/geography__cloze.jsonl")])
+    for g in range(6):  # generation 0 is the one model both arms start from
+        if g:
+            known = (known & (rng.random(len(known)) > 0.06)) | (rng.random(len(known)) < 0.12)
+        for subject in ("geography", "chemistry"):
+            recs = [{"id": f"{subject}{i}", "is_correct": bool(c), "choices": ["a", "b", "c", "d"]} for i, c in enumerate(known)]
+            write_jsonl(run / f"arms/general/gen_{g}/answers/{subject}__cloze.jsonl", recs)
+            rows.append({"arm": "general", "generation": g, "metric": "accuracy", "format": "cloze", "subject": subject,
+                         "value": float(known.mean())})
+    write_jsonl(run / "metrics.jsonl", rows)
+    return run
+
+
+def test_a_decline_rate_ratio_the_data_do_not_have_gets_no_interval(tmp_path):
+    """The general arm does not decline (the ratio is undefined) in the data and in half the resamples: the other
+    half drew an interval, [0.02, 1.14] "two-sided", printed beside "n/a". Where the ratio is defined, the interval
+    stays and says how many resamples had none."""
+    run = _rising_general_arm(fake_run(tmp_path / "r", n_seed_q=60, formats=("cloze",), collapse=(0.05, 0.0)), 11)
+    f = R.summarise_run(run, n_boot=400)["comparisons"][0]["formats"]["cloze"]
+    assert f["decline_rate"]["general"] < 0 < f["decline_rate"]["geo"]
+    assert f["decline_ratio_text"] == "n/a (the general arm does not decline)" and 0.3 < f["decline_ratio_undefined_share"] < 0.7
+    assert f["decline_ratio_ci"] is None and f["decline_ratio_ci_kind"] == "n/a"
+    run = _rising_general_arm(fake_run(tmp_path / "s", n_seed_q=60, formats=("cloze",), collapse=(0.05, 0.0)), 14)
+    summary = R.summarise_run(run, n_boot=400)
+    f = summary["comparisons"][0]["formats"]["cloze"]
+    assert f["decline_ratio"] > 0 and f["decline_ratio_ci_kind"] == "two-sided" and f["decline_ratio_undefined_share"] > 0.2
+    note = f" (undefined in {f['decline_ratio_undefined_share']:.0%} of resamples)"
+    from kcollapse.report import resistance_section
+
+    assert note in str(resistance_section(summary)) and any(note in line for line in resistance_lines(summary))
+
+
 def test_html_section_escapes_text_and_embeds_the_figure():
     from kcollapse.report import resistance_section
 

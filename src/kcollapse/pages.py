@@ -58,9 +58,16 @@ def interval(v, digits: int = 2) -> str:
     return f"[{num(v[0], digits)}, {'∞' if v[1] is None else num(v[1], digits)}]"
 
 
+def undefined_in(result: dict) -> str:
+    """' (undefined in 35% of resamples)' beside a decline-rate ratio's interval that fewer than all resamples drew."""
+    share = result.get("decline_ratio_undefined_share")
+    return f" (undefined in {share:.0%} of resamples)" if result.get("decline_ratio_ci") and share else ""
+
+
 ENV = jinja2.Environment(loader=jinja2.PackageLoader("kcollapse", "templates"), autoescape=True,
                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-ENV.filters.update(text=lambda v, limit=1500: Markup(esc(v, limit)), num=num, interval=interval)
+ENV.filters.update(text=lambda v, limit=1500: Markup(esc(v, limit)), num=num, interval=interval,
+                   undefined_in=undefined_in)
 
 
 def render(template: str, **context) -> Markup:

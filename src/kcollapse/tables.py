@@ -11,7 +11,7 @@ from rich.text import Text
 
 from kcollapse.dependence import p_text
 from kcollapse.io import sanitize_terminal
-from kcollapse.pages import interval, num
+from kcollapse.pages import interval, num, undefined_in
 
 WIDE = 200  # columns of a table written to a file or a pipe
 
@@ -146,8 +146,8 @@ def resistance_lines(summary: dict, label: str = "") -> list[str]:
             out.append(f"  intervals: {c['ci_method']}")
         for fmt, f in c.get("formats", {}).items():
             out.append(f"  {fmt:<26} resistance factor {f['text']:<20} {pct}% CI {interval(f['ci']):<14} ({f['ci_kind']}); "
-                       f"decline-rate ratio {f['decline_ratio_text']} {pct}% CI {interval(f['decline_ratio_ci'])}; "
-                       f"AUC ratio {num(f['auc_ratio'])} {interval(f['auc_ratio_ci'])}")
+                       f"decline-rate ratio {f['decline_ratio_text']} {pct}% CI {interval(f['decline_ratio_ci'])}"
+                       f"{undefined_in(f)}; AUC ratio {num(f['auc_ratio'])} {interval(f['auc_ratio_ci'])}")
     for arm, fmts in summary["regimes"].items():
         if "all" in fmts:
             r = fmts["all"]

@@ -238,7 +238,7 @@ def test_a_format_lifted_past_the_margin_by_a_small_subject_is_not_compared(tmp_
 
 def _rising_general_arm(run, seed):
     """The general arm of `run` rewritten: each generation a few facts lost and more gained, as Gemma 3 270M's cloze
-    rose under alpha 1.0 (0.77 -> 0.87) while the general arm of the resistance test was meant to decline."""
+    rose under alpha 1.0 at lr 1e-5 (0.77 -> 0.87 in 6 generations)."""
     rng = np.random.default_rng(seed)
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["arm"] != "general"]
     known = np.array([r["is_correct"] for r in read_jsonl(run / "arms/geo/gen_0/answers/geography__cloze.jsonl")])

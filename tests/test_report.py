@@ -176,6 +176,30 @@ def test_a_reliability_legend_leaves_the_bins_visible(tmp_path, monkeypatch):
     assert len(points) == 9 and not any(legend.contains(*p) for p in points)
 
 
+@pytest.mark.parametrize("free_text", [True, False])
+def test_the_answers_shown_say_whether_the_model_wrote_free_text(tiny_gpt2, tmp_path, free_text):
+    """A run with `eval.free_text: false` (the gemma3-270m preset's) has no free-text answers: the answers section
+    says so once, where each cell used to read "(none)", as if the model had written nothing."""
+    from test_loop import tiny_config
+
+    from kcollapse.config import validate
+    from kcollapse.loop import run_experiment
+    from kcollapse.report import answers_section
+
+    cfg = validate(tiny_config(tiny_gpt2, [{"name": "a", "synthetic_ratio": 1.0}], generations=1,
+                               **{"eval.formats": ["short_answer"], "eval.free_text": free_text}))
+    run = run_experiment(cfg, tmp_path / "run")
+    written = [json.loads(line) for p in sorted(run.glob("arms/a/gen_1/answers/*.jsonl"))
+               for line in p.read_text().splitlines()]
+    assert written and all((r["answer_text"] is not None) == free_text for r in written)
+    section = str(answers_section(run, "a", {}))
+    assert section.count('<td class="q">') > 0
+    assert "(none)" not in section
+    assert ("The free-text answer is what the model wrote" in section) == free_text
+    assert ("this run wrote no free-text answers" in section) == (not free_text)
+    assert section.count('<div class="text">') == (2 * section.count('<td class="q">') if free_text else 0)
+
+
 def test_report_on_missing_dir():
     with pytest.raises(UserError, match="not found"):
         write_report(Path("/nonexistent/run"))

@@ -126,7 +126,8 @@ def answers_section(run_dir: Path, arm: str, arm_stages: dict) -> Markup:
         questions.append({"question": q.get("question"), "answers": answers,
                           "options": [(LETTERS[i] if i < len(LETTERS) else i, c, i == ci)
                                       for i, c in enumerate(q.get("choices") or [])]})
-    return render("answers.html", fmt=fmt, shown=shown, questions=questions)
+    free_text = any(a is not None and a["text"] is not None for q in questions for a in q["answers"])
+    return render("answers.html", fmt=fmt, shown=shown, questions=questions, free_text=free_text)
 
 
 def synthetic_section(run_dir: Path, arm: str) -> Markup:

@@ -327,7 +327,7 @@ def test_real_pool_carries_what_gen0_trained_on_in_the_same_proportions(tmp_path
                     reason="no cached default generation 0: `kcollapse run` trains it (~4 min)")
 def test_the_cached_default_generation_0_knows_its_held_out_facts():
     """The 2,400-step generation 0 (README, 'How much one run tells': 0.91-0.94 held-out short answer, 0.93-0.96 cloze
-    in two builds) still knows the facts it read only in prose: short answer >= 0.85, cloze >= 0.90, as issue 16 asks of
+    in three builds) still knows the facts it read only in prose: short answer >= 0.85, cloze >= 0.90, as issue 16 asks of
     every generation 0; the letter formats stay near chance (0.25) without the letter skill."""
     cfg, path = cached_gen0("default")
     accuracy, _ = heldout_accuracy(cfg, path)

@@ -83,6 +83,21 @@ def test_wellformed_answers_need_shape_not_an_option():
     assert metrics.answer_wellformed(records) == 0.5 and metrics.format_adherence(records) == 0.0
 
 
+def test_a_reply_to_most_questions_that_names_no_option_is_not_well_formed():
+    # what Gemma 3 270M's alpha 1.0 wrote after 6 generations: "Source:" to every short-answer question
+    assert metrics.shared_answer(["Source:", "source", "Source :", "Paris"], [False, False, False, True]) == "source"
+    assert metrics.shared_answer(["Copenhagen", "Rome", "Oslo"], [False] * 3) is None  # wrong, but each its own
+    assert metrics.shared_answer(["Europe"] * 3 + ["Asia"], [True] * 4) is None  # naming an option is answering
+    assert metrics.shared_answer(["Europe", "Lima", "Oslo", "Kyiv"], [False] * 4) is None  # 1 of 4: no reply shared
+    assert metrics.shared_answer(["Source:", "Lima", "Source:", "Kyiv"], [False] * 4) == "source"  # half
+    assert metrics.shared_answer(["Source:", None], [False, None]) is None  # one answered question shares nothing
+    assert metrics.shared_answer(["...", "...", "!!"], [False] * 3) is None  # nothing left after normalising
+    records = [{"answer_text": t, "format_adherent": a, "answer_wellformed": True}
+               for t, a in [("Source:", False), ("source", False), ("Europe", True), ("Lima", False)]]
+    metrics.mark_shared_answers(records)
+    assert [r["answer_wellformed"] for r in records] == [False, False, True, True]
+
+
 def test_text_stats_known_values():
     assert textstats.entropy("a a b b") == pytest.approx(1.0)
     assert textstats.entropy("x") == 0.0 and textstats.entropy("") is None

@@ -178,7 +178,7 @@ def test_a_reliability_legend_leaves_the_bins_visible(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("free_text", [True, False])
 def test_the_answers_shown_say_whether_the_model_wrote_free_text(tiny_gpt2, tmp_path, free_text):
-    """A run with `eval.free_text: false` (the gemma3-270m preset's) has no free-text answers: the answers section
+    """A run with `eval.free_text: false` has no free-text answers: the answers section
     says so once, where each cell used to read "(none)", as if the model had written nothing."""
     from test_loop import tiny_config
 

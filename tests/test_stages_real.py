@@ -4,7 +4,9 @@ Six generations of hand-set bigram checkpoints (fixtures/bigram_models.py) per a
 same call the run loop makes, and the rows and answers files are laid out as the loop lays them out. Built in, arm
 "a": model 2 starts writing repetitive text (its own held-out perplexity rises too), model 3 forgets 3/4 of the
 facts with its answers still one well-formed word (B), model 5 answers 'blah blah ...' (C). So B onset 3, C onset
-5, model-centric warning at model 2, lead time 3 - 2 = 1. Other arms move one signal each.
+5, model-centric warning at model 2, lead time 3 - 2 = 1. Other arms move one signal each; arm "same" answers
+one word to every question (no C signal but the well-formed share: a reply that ignores the question), arm
+"terse" starts from a generation 0 that rambles and then answers in a word (shorter and better formed: not C).
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ ARMS = {  # arm -> the model of each generation 1..5 (generation 0 is HEALTHY, s
     "ppl": [dict(known=ALL, sure=1.0)] * 5,  # same greedy text and answers, held-out perplexity up from model 1
     "long": [HEALTHY, HEALTHY] + [dict(known=ALL, answers="long")] * 3,  # answers grow to 12 words
     "oov": [HEALTHY, HEALTHY] + [dict(known=ALL, answers="oov")] * 3,  # one-word answers the vocabulary lacks
+    "same": [HEALTHY, HEALTHY] + [dict(known=ALL, answers="same")] * 3,  # one known word, whatever is asked
+    "terse": [HEALTHY] * 5,  # after a generation 0 that rambled (GEN0): it learns to answer in a word
 }
+GEN0 = {"terse": dict(known=ALL, answers="ramble")}  # other arms share generation 0, as in the loop
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ def real_run(tmp_path_factory):
     cfg = EvalConfig(benchmark=str(benchmark(root / "bench.jsonl", N_Q)), formats=["short_answer"],
                      free_text_tokens=12, batch_size=8)
     items = load_benchmark(cfg)
-    train_texts = [healthy_text(k) for k in range(10)] + [" ".join(f"g{i}" for i in range(N_Q))]
+    train_texts = [healthy_text(k) for k in range(10)] + [f"g{i} d{i}a d{i}b d{i}c" for i in range(N_Q)]
     heldout = [healthy_text(k, 40) for k in range(3)]
     run, rows, n = root / "run", [], 0
 
@@ -65,8 +70,8 @@ def real_run(tmp_path_factory):
 
     model0, tok = model(HEALTHY)
     for arm, specs in ARMS.items():
-        rows += evaluate_into(arm, 0, model0, None)
-        prev = model0
+        prev = model(GEN0[arm])[0] if arm in GEN0 else model0
+        rows += evaluate_into(arm, 0, prev, None)
         for g, spec in enumerate(specs, start=1):
             current, _ = model(spec)
             rows += evaluate_into(arm, g, current, generate(prev, tok, [f"w{k}" for k in range(6)], 20))
@@ -127,7 +132,14 @@ def test_each_signal_alone(real_run):
     oov = arms["oov"]["formats"]["short_answer"]
     assert oov["stages"] == "AAACCC" and oov["onset_B"] is None
     assert oov["generations"][3]["reasons"] == ["fluency 1.00 -> 0.00"]  # one short word: well-formed, same length
-    for arm in ("long", "oov"):
+    same = arms["same"]["formats"]["short_answer"]  # "g0" to all 24: in the vocabulary, one word, no option
+    assert same["stages"] == "AAACCC" and same["onset_B"] is None
+    assert same["generations"][3]["reasons"] == ["well-formed answers 1.00 -> 0.04"]  # right for question 0 only
+    terse = arms["terse"]["formats"]["short_answer"]  # 12 words naming no option -> the option in a word
+    assert [round(p["answer_words"]) for p in terse["generations"]] == [12, 1, 1, 1, 1, 1]
+    assert terse["generations"][1]["answer_wellformed"] == 1.0 > terse["generations"][0]["answer_wellformed"]
+    assert terse["stages"] == "AAAAAA" and terse["onset_C"] is None  # a shorter answer in the asked form is no C
+    for arm in ("long", "oov", "same", "terse"):
         assert arms[arm]["model_centric"]["warnings"] == {}  # text and perplexity untouched
     # format dependence: a C onset set by the fluency row alone has no sampling interval to compare
     oov_c = arms["oov"]["format_dependence"]["formats"]["short_answer"]["onset_C"]

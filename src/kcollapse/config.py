@@ -283,7 +283,8 @@ class StageRules(Strict):
         "answers included: that is B), or an answer naming an option")
     format_drop: float = Field(0.2, gt=0.0, description="C: absolute drop of format_signal")
     repetition_rise: float = Field(0.2, gt=0.0, description="C: absolute rise of answer repetition")
-    words_factor: float = Field(2.0, gt=1.0, description="C: answer length changed by more than this factor")
+    words_factor: float = Field(2.0, gt=1.0, description="C: answer length changed by more than this factor "
+                                "while the format signal did not rise")
     fluency_drop: float = Field(0.2, gt=0.0, description="C: relative drop of fluency")
     confident_threshold: float = Field(0.5, gt=0.0, le=1.0, description="confident-wrong: wrong with confidence >= this")
     position_bias: float = Field(0.2, gt=0.0, le=1.0, description="flag position bias (eval.permutation answers) when "

@@ -9,8 +9,8 @@ and its own per-format result (baseline, `knowledge_measurable`); the statistics
   draw weighs every generation and every format, so generations and formats are compared on the same questions.
 - Onsets: in each resample, B's effect-size condition (retention above chance < `retention_b`) and C's (the
   format signal falls by `format_drop`, repetition rises by `repetition_rise`, the length changes by a factor
-  `words_factor`, the answers' fluency falls by `fluency_drop`) per generation; the onset is the first generation
-  from which it holds `persist` generations in a row. The significance part of the stage rule is what the
+  `words_factor` while the format signal does not rise, the answers' fluency falls by `fluency_drop`) per
+  generation; the onset is the first generation from which it holds `persist` generations in a row. The significance part of the stage rule is what the
   resampling replaces, so the data's onset here can come a generation before `onset_B` when the drop there is not
   yet significant. Censoring-aware intervals (stats.onset_interval): never reached is ">= last generation".
 - Only measurable formats (stages' `knowledge_measurable`: generation-0 accuracy more than `min_margin` above
@@ -53,11 +53,13 @@ def _c_flags(frames, gens, ids, counts, rules: StageRules, signal: str) -> np.nd
     """replicates x generations: do C's per-question conditions hold (generation 0 never)?"""
     flags = np.zeros((counts.shape[0], len(gens)), bool)
     present = lambda m: not np.isnan(m[0]).all() and not np.isnan(m[1:]).all()  # noqa: E731
-    for col in (signal, "adherent"):
+    format_rose = np.zeros_like(flags)
+    for col in (signal, "adherent"):  # runs without the signal fall back to format adherence
         m = _matrix(frames, gens, ids, col)
-        if present(m) and np.nansum(m[0]):  # a format signal at 0 at generation 0 has nothing to lose
+        if present(m):
             means = stats.weighted_means(counts, m)
             flags |= means - means[:, :1] <= -rules.format_drop
+            format_rose = means > means[:, :1]
             break
     m = _matrix(frames, gens, ids, "repetition")
     if present(m):
@@ -68,7 +70,7 @@ def _c_flags(frames, gens, ids, counts, rules: StageRules, signal: str) -> np.nd
         means = stats.weighted_means(counts, m)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = means / means[:, :1]
-        flags |= (means[:, :1] > 0) & ((ratio < 1 / rules.words_factor) | (ratio > rules.words_factor))
+        flags |= (means[:, :1] > 0) & ((ratio < 1 / rules.words_factor) | (ratio > rules.words_factor)) & ~format_rose
     flags[:, 0] = False
     return flags
 

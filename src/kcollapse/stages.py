@@ -17,7 +17,8 @@ in docs/STATISTICS.md):
 - C's condition, against generation 0: the share of well-formed free-text answers (`answer_wellformed`; or
   `format_adherence` with `format_signal: format_adherence`, the fallback for runs without it) drops by at least
   `format_drop`, answer repetition (repeated word 4-grams) rises by at least `repetition_rise`, the answer length
-  changes by more than a factor `words_factor`, or the fluency of the answers (`fluency` rows of subject
+  changes by more than a factor `words_factor` while that format signal did not rise (a base model that rambled at
+  generation 0 and learns to answer in a word is learning the format, not losing it), or the fluency of the answers (`fluency` rows of subject
   `answers`: model g's own answers) falls by more than `fluency_drop` (relative); with answers each change must
   also be significant (its CI excludes no change).
 - B's condition: retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
@@ -197,8 +198,8 @@ def _paired_bootstrap(cur: pd.DataFrame, base: pd.DataFrame, rules: StageRules, 
     out: dict[str, Any] = {"n": int(len(ids))}
     for col in ["correct", "judged_correct", "adherent", "wellformed", "words", "repetition", "confident_wrong"]:
         a, b = x[col].to_numpy(float), x0[col].to_numpy(float)
-        if np.isnan(a).all() or np.isnan(b).all() or (col in ("adherent", "wellformed") and not np.nansum(b)):
-            continue  # not measured (e.g. no answer judged at generation 0: nothing to degrade from)
+        if np.isnan(a).all() or np.isnan(b).all():
+            continue  # not measured (e.g. no free text)
         ma, mb = stats.weighted_means(counts, a), stats.weighted_means(counts, b)
         out[col] = (float(ma[0]), float(mb[0]), stats.interval(ma - mb, rules.ci, min_finite=1))
         out["_" + col] = (ma, mb)
@@ -234,8 +235,10 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
                 rec[key] = boot[col][0]
         signal = rules.format_signal if FORMAT_SIGNALS[rules.format_signal][0] in boot else "format_adherence"
         col, label = FORMAT_SIGNALS[signal]
+        format_rose = False
         if col in boot:
             v, v0, ci = boot[col]
+            format_rose = v > v0  # from nothing at generation 0 too: a base model learning the format
             if v - v0 <= -rules.format_drop and ci[1] < 0:
                 c_reasons.append(f"{label} {v0:.2f} -> {v:.2f}")
         if "repetition" in boot:
@@ -244,7 +247,8 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
                 c_reasons.append(f"answer repetition {v0:.2f} -> {v:.2f}")
         if "words" in boot:
             v, v0, ci = boot["words"]
-            if v0 > 0 and not (1 / rules.words_factor <= v / v0 <= rules.words_factor) and (ci[0] > 0 or ci[1] < 0):
+            if (v0 > 0 and not (1 / rules.words_factor <= v / v0 <= rules.words_factor) and (ci[0] > 0 or ci[1] < 0)
+                    and not format_rose):
                 c_reasons.append(f"answer length {v0:.1f} -> {v:.1f} words")
     else:
         acc, acc0 = m.get(rules.accuracy), m0.get(rules.accuracy)
@@ -260,13 +264,14 @@ def _classify_point(g: int, boot: dict | None, m: dict, m0: dict, rules: StageRu
                 rec[key] = m[key]
         signal = rules.format_signal if m0.get(rules.format_signal) is not None else "format_adherence"
         v, v0 = m.get(signal), m0.get(signal)
+        format_rose = v is not None and v0 is not None and v > v0
         if v is not None and v0 is not None and v - v0 <= -rules.format_drop:
             c_reasons.append(f"{FORMAT_SIGNALS[signal][1]} {v0:.2f} -> {v:.2f}")
         v, v0 = m.get("answer_repetition"), m0.get("answer_repetition")
         if v is not None and v0 is not None and v - v0 >= rules.repetition_rise:
             c_reasons.append(f"answer repetition {v0:.2f} -> {v:.2f}")
         v, v0 = m.get("answer_words"), m0.get("answer_words")
-        if v is not None and v0 and not (1 / rules.words_factor <= v / v0 <= rules.words_factor):
+        if v is not None and v0 and not (1 / rules.words_factor <= v / v0 <= rules.words_factor) and not format_rose:
             c_reasons.append(f"answer length {v0:.1f} -> {v:.1f} words")
     v, v0 = m.get("fluency"), m0.get("fluency")
     if v is not None and v0:

@@ -58,6 +58,7 @@ def make_records(fmt, questions: list[dict], prompts: list[str], scored: list[di
             record["split"] = item["split"]
         record["prompt"] = prompt
         records.append(record)
+    metrics.mark_shared_answers(records)
     return records
 
 

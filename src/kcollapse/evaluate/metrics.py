@@ -25,9 +25,11 @@ recompute it with pandas. The paper's stage B (knowledge collapse) shows as `acc
   `embedding_accuracy`, `judge_mean` (1-3), `answer_words`, `answer_repetition` (share of repeated word 4-grams),
   `format_adherence` (non-empty, names an option or its letter within the first 5 words, not degenerate);
   `answer_wellformed` (adherent, or a short answer of the asked kind whatever it names: non-empty, not degenerate,
-  at most 5 words, and for letter formats led by a letter). The two part where the model answers fluently with
-  something that is not an option ("Copenhagen" for Andorra's capital): confidently wrong, format intact. That is
-  knowledge collapse (B), so the stage rule reads instruction-following (C) off `answer_wellformed`.
+  at most 5 words, for letter formats led by a letter, and not the model's one reply to most questions: see
+  `mark_shared_answers`). The two part where the model answers fluently with something that is not an option
+  ("Copenhagen" for Andorra's capital): confidently wrong, format intact. That is knowledge collapse (B), so the
+  stage rule reads instruction-following (C) off `answer_wellformed`. A reply that ignores the question ("Source:"
+  to all 60 questions, as Gemma 3 270M wrote after 6 generations on its own text) is no answer of the asked kind.
 
 A metric that is undefined for a group (no correct answers for `greedy_rate`, no free text) gives no row.
 """
@@ -37,7 +39,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from kcollapse.evaluate.freetext import letter_answer
+from kcollapse.evaluate.freetext import letter_answer, normalize
 from kcollapse.evaluate.permute import gold_position
 from kcollapse.evaluate.textstats import repetition, words
 
@@ -201,6 +203,32 @@ def wellformed(answer: str | None, adherent: bool | None, letters: bool, max_wor
     if not text or is_degenerate(text) or len(text.split()) > max_words:
         return False
     return letter_answer(text) is not None if letters else True
+
+
+SHARED_ANSWER_SHARE = 0.5  # a non-option reply given to at least this share of a format's questions ignores them
+
+
+def shared_answer(answers: list[str | None], adherent: list[bool | None]) -> str | None:
+    """The normalised reply, naming no option, that the model gives to at least `SHARED_ANSWER_SHARE` of the
+    questions it answered (and to two at least), or None. Answers that name an option never count: a model that
+    is right or wrong about many questions with the same option is answering them."""
+    answered = sum(a is not None for a in answers)
+    replies = Counter(normalize(a) for a, ok in zip(answers, adherent) if a is not None and not ok)
+    replies.pop("", None)
+    if not replies:
+        return None
+    reply, count = replies.most_common(1)[0]
+    return reply if count >= 2 and count >= SHARED_ANSWER_SHARE * answered else None
+
+
+def mark_shared_answers(records: list[dict]) -> None:
+    """One format's records: the answers that are the shared reply (`shared_answer`) are not well-formed."""
+    shared = shared_answer([r["answer_text"] for r in records], [r["format_adherent"] for r in records])
+    if shared is None:
+        return
+    for r in records:
+        if r["answer_text"] is not None and not r["format_adherent"] and normalize(r["answer_text"]) == shared:
+            r["answer_wellformed"] = False
 
 
 def answer_wellformed(records: list[dict]) -> float | None:

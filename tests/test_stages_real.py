@@ -11,6 +11,7 @@ one word to every question (no C signal but the well-formed share: a reply that 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -81,7 +82,9 @@ def real_run(tmp_path_factory):
 
 
 def test_fixture_is_what_the_evaluator_writes(real_run):
-    _, rows = real_run
+    run, rows = real_run
+    records = [json.loads(line) for line in (run / "arms/a/gen_0/answers/facts__short_answer.jsonl").open()]
+    assert [r["answer_text"] for r in records] == [r["choices"][r["correct_index"]] for r in records]  # its own
     subjects = {(r["metric"], r["subject"]) for r in rows if r["format"] is None}
     assert ("fluency", "answers") in subjects and ("fluency", None) not in subjects  # item 1 of issue 15
     assert {("perplexity_heldout", None), ("entropy", "synthetic"), ("distinct_2", "synthetic")} <= subjects

@@ -159,3 +159,24 @@ def test_cli_errors_and_unknown_files(tmp_path):
     res = runner.invoke(app, ["import-reference", str(tmp_path), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "no ratio_<pct>_gen_<g> directories" in res.output
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["arm"].startswith("ratio_")
+
+
+def test_a_reply_shared_by_most_questions_is_no_answer_in_imported_logs(imported, tmp_path):
+    """The paper's logs carry no `answer_wellformed`: stages applies the evaluator's shared-reply rule to them
+    (metrics.shared_answer over the format's questions, every subject file together)."""
+    logs = _copy_logs(tmp_path)
+    for g in (2, 3):
+        for path in (logs / f"ratio_25_gen_{g}" / "mmlu").glob("*_short_answer_*.json"):
+            questions = json.loads(path.read_text())
+            for q in questions:
+                q["actual_answer"] = "Source:"  # what Gemma 3 270M wrote to every question after 6 generations
+            path.write_text(json.dumps(questions))
+    import_command(logs, tmp_path / "run")
+    recs = read_jsonl(tmp_path / "run/arms/ratio_25/gen_2/answers/global_facts__short_answer.jsonl")
+    assert {r["answer_text"] for r in recs} == {"Source:"} and "answer_wellformed" not in recs[0]
+    before = classify_run(imported[0], StageRules(n_boot=200))["arms"]["ratio_25"]["formats"]["short_answer"]
+    after = classify_run(tmp_path / "run", StageRules(n_boot=200))["arms"]["ratio_25"]["formats"]["short_answer"]
+    assert before["onset_C"] is None and before["generations"][0]["answer_wellformed"] == 1.0
+    assert after["onset_C"] == 2 and after["stages"] == "ACC"
+    assert [p["answer_wellformed"] for p in after["generations"]] == [1.0, 0.0, 0.0]
+    assert after["generations"][1]["reasons"][0] == "well-formed answers 1.00 -> 0.00"

@@ -10,9 +10,9 @@ and its own per-format result (baseline, `knowledge_measurable`); the statistics
 - Onsets: in each resample, B's effect-size condition (retention above chance < `retention_b`) and C's (the
   format signal falls by `format_drop`, repetition rises by `repetition_rise`, the length changes by a factor
   `words_factor` while the format signal does not rise, the answers' fluency falls by `fluency_drop`) per
-  generation; the onset is the first generation from which it holds `persist` generations in a row. The significance part of the stage rule is what the
-  resampling replaces, so the data's onset here can come a generation before `onset_B` when the drop there is not
-  yet significant. Censoring-aware intervals (stats.onset_interval): never reached is ">= last generation".
+  generation; the onset is the first generation from which it holds `persist` generations in a row. The
+  significance part of the stage rule is what the resampling replaces, so the data's onset here can come a
+  generation before `onset_B` when the drop there is not yet significant. Censoring-aware intervals (stats.onset_interval): never reached is ">= last generation".
 - Only measurable formats (stages' `knowledge_measurable`: generation-0 accuracy more than `min_margin` above
   chance) enter the interaction test and the comparison of onsets: a format at chance has no knowledge to lose.
 - The verdict: format dependence found when the interaction test's p < ALPHA, or two measurable formats' B (or C)

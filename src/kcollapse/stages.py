@@ -18,9 +18,9 @@ in docs/STATISTICS.md):
   `format_adherence` with `format_signal: format_adherence`, the fallback for runs without it) drops by at least
   `format_drop`, answer repetition (repeated word 4-grams) rises by at least `repetition_rise`, the answer length
   changes by more than a factor `words_factor` while that format signal did not rise (a base model that rambled at
-  generation 0 and learns to answer in a word is learning the format, not losing it), or the fluency of the answers (`fluency` rows of subject
-  `answers`: model g's own answers) falls by more than `fluency_drop` (relative); with answers each change must
-  also be significant (its CI excludes no change).
+  generation 0 and learns to answer in a word is learning the format, not losing it), or the fluency of the
+  answers (`fluency` rows of subject `answers`: model g's own answers) falls by more than `fluency_drop`
+  (relative); with answers each change must also be significant (its CI excludes no change).
 - B's condition: retention < `retention_b` and the accuracy drop is significant (the CI of acc_g - acc_0 is below
   0; without answers: a drop of at least `min_drop`).
 - The letter: C if C's condition holds, else B if B's, else A. Generation 0 is A by definition.
@@ -93,11 +93,14 @@ def load_rules(run_dir: Path, rules_file: Path | None = None) -> StageRules:
 
 def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
     """Per-question signals of one arm x generation x format, indexed by question id."""
-    rows = []
-    for path in paths:
-        for r in read_jsonl(path):
+    rows, files = [], [(path, read_jsonl(path)) for path in paths]
+    for path, records in files:
+        for r in records:
             if "id" not in r or "is_correct" not in r:
                 raise UserError(f"{path}: answer record lacks 'id' or 'is_correct'")
+    shared = _shared_reply(files)  # over the format's questions, as the evaluator marks them
+    for path, records in files:
+        for r in records:
             if rules.subject and rules.subject.startswith("split:"):
                 if r.get("split") != rules.subject[6:]:
                     continue
@@ -112,7 +115,7 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
                 "correct": correct,
                 "judged_correct": float(judged == r.get("correct_index")) if text is not None else np.nan,
                 "adherent": _adherent(r, path) if text is not None else np.nan,
-                "wellformed": _wellformed(r, judged) if text is not None else np.nan,
+                "wellformed": _wellformed(r, judged, shared, path) if text is not None else np.nan,
                 "words": float(len(text.split())) if isinstance(text, str) else np.nan,
                 "repetition": repetition(text) if isinstance(text, str) else np.nan,
                 "confidence": float(conf) if conf is not None else np.nan,
@@ -172,12 +175,24 @@ def position_check(paths: list[Path], rules: StageRules, max_freq: float | None 
     return out
 
 
-def _wellformed(record: dict, judged) -> float:
+def _shared_reply(files: list[tuple[Path, list[dict]]]) -> str | None:
+    """The reply naming no option that most of one format's questions get (`metrics.shared_answer`), among the
+    records that do not say whether they are well-formed (older runs, imported logs); the evaluator marks its own."""
+    bare = [(r, path) for path, records in files for r in records
+            if "answer_wellformed" not in r and r.get("answer_text") is not None]
+    return metrics.shared_answer([r["answer_text"] for r, _ in bare], [bool(_adherent(r, p)) for r, p in bare])
+
+
+def _wellformed(record: dict, judged, shared: str | None, path: Path) -> float:
     """The record's `answer_wellformed`; records written before it existed (or imported logs) do not say their
-    format's answer kind, so they get the text rule (adherent, or short and not degenerate)."""
+    format's answer kind, so they get the text rule (adherent, or short and not degenerate, and not the format's
+    shared reply)."""
     if "answer_wellformed" in record:
         return float(bool(record["answer_wellformed"]))
-    return float(bool(metrics.wellformed(record["answer_text"], judged is not None, letters=False)))
+    text = record["answer_text"]
+    if shared is not None and not _adherent(record, path) and freetext.normalize(text) == shared:
+        return 0.0
+    return float(bool(metrics.wellformed(text, judged is not None, letters=False)))
 
 
 def _metric(df: pd.DataFrame, arm: str, metric: str, fmt: str | None, subject: str | None) -> pd.Series:

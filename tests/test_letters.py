@@ -359,8 +359,9 @@ def test_the_pool_keeps_each_letter_text_whole_and_out_of_the_perplexity_texts(t
 
 def test_the_letters_preset_is_the_default_experiment_plus_the_letter_skill():
     """...with six layers (in four, held-out recall completes too late for the selection to follow it), the 3,200
-    facts steps its generation 0 was measured with, and loop training on one text per row, as its generation 0
-    finished (packed chunks moved the control)."""
+    facts steps its generation 0 was measured with, loop training on one text per row, as its generation 0
+    finished (packed chunks moved the control), and sampling at temperature 1.0, as its runs were measured (the
+    default's 1.2 makes a 2,400-step four-layer build lose its facts; this one collapses in few-shot at 1.0)."""
     from kcollapse.config import differing_fields
 
     default = load_config(preset="default").model_dump(mode="json")
@@ -369,7 +370,9 @@ def test_the_letters_preset_is_the_default_experiment_plus_the_letter_skill():
     assert letters_preset.train.packing is False
     changed = differing_fields(default, letters_preset.model_dump(mode="json"))
     assert letters_preset.organism.n_layer == 6
-    rows = {"train.packing", "train.batch_size", "train.max_steps", "organism.n_layer", "organism.steps"}
+    rows = {"train.packing", "train.batch_size", "train.max_steps", "organism.n_layer", "organism.steps",
+            "sampling.temperature"}
+    assert (letters_preset.sampling.temperature, default["sampling"]["temperature"]) == (1.0, 1.2)
     assert rows <= set(changed) and all(f.startswith("organism.letter_skill.") for f in set(changed) - rows), changed
 
 

@@ -98,7 +98,7 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
         for r in records:
             if "id" not in r or "is_correct" not in r:
                 raise UserError(f"{path}: answer record lacks 'id' or 'is_correct'")
-    shared = _shared_reply(files)  # over the format's questions, as the evaluator marks them
+    _apply_text_rule(files)
     for path, records in files:
         for r in records:
             if rules.subject and rules.subject.startswith("split:"):
@@ -115,7 +115,7 @@ def answers_frame(paths: list[Path], rules: StageRules) -> pd.DataFrame:
                 "correct": correct,
                 "judged_correct": float(judged == r.get("correct_index")) if text is not None else np.nan,
                 "adherent": _adherent(r, path) if text is not None else np.nan,
-                "wellformed": _wellformed(r, judged, shared, path) if text is not None else np.nan,
+                "wellformed": float(bool(r["answer_wellformed"])) if text is not None else np.nan,
                 "words": float(len(text.split())) if isinstance(text, str) else np.nan,
                 "repetition": repetition(text) if isinstance(text, str) else np.nan,
                 "confidence": float(conf) if conf is not None else np.nan,
@@ -175,24 +175,20 @@ def position_check(paths: list[Path], rules: StageRules, max_freq: float | None 
     return out
 
 
-def _shared_reply(files: list[tuple[Path, list[dict]]]) -> str | None:
-    """The reply naming no option that most of one format's questions get (`metrics.shared_answer`), among the
-    records that do not say whether they are well-formed (older runs, imported logs); the evaluator marks its own."""
-    bare = [(r, path) for path, records in files for r in records
-            if "answer_wellformed" not in r and r.get("answer_text") is not None]
-    return metrics.shared_answer([r["answer_text"] for r, _ in bare], [bool(_adherent(r, p)) for r, p in bare])
-
-
-def _wellformed(record: dict, judged, shared: str | None, path: Path) -> float:
-    """The record's `answer_wellformed`; records written before it existed (or imported logs) do not say their
-    format's answer kind, so they get the text rule (adherent, or short and not degenerate, and not the format's
-    shared reply)."""
-    if "answer_wellformed" in record:
-        return float(bool(record["answer_wellformed"]))
-    text = record["answer_text"]
-    if shared is not None and not _adherent(record, path) and freetext.normalize(text) == shared:
-        return 0.0
-    return float(bool(metrics.wellformed(text, judged is not None, letters=False)))
+def _apply_text_rule(files: list[tuple[Path, list[dict]]]) -> None:
+    """Answered records that do not say whether they are well-formed (written before `answer_wellformed` existed,
+    imported logs) get the evaluator's fields: `format_adherent`, `answer_wellformed` by the text rule (their format's
+    answer kind is unknown: adherent, or short and not degenerate) and, over the format's questions in every file
+    together, `metrics.mark_shared_answers`, as the evaluator marks its own."""
+    bare = []
+    for path, records in files:
+        for r in records:
+            if "answer_wellformed" not in r and r.get("answer_text") is not None:
+                r["format_adherent"] = bool(_adherent(r, path))
+                r["answer_wellformed"] = bool(metrics.wellformed(r["answer_text"], r.get("judged_index") is not None,
+                                                                 letters=False))
+                bare.append(r)
+    metrics.mark_shared_answers(bare)
 
 
 def _metric(df: pd.DataFrame, arm: str, metric: str, fmt: str | None, subject: str | None) -> pd.Series:

@@ -98,6 +98,21 @@ def test_a_reply_to_most_questions_that_names_no_option_is_not_well_formed():
     assert [r["answer_wellformed"] for r in records] == [False, False, True, True]
 
 
+def test_one_text_cut_short_at_different_words_is_one_shared_reply():
+    # Gemma 3 270M's alpha 1.0 short answers at generation 4 of the lr 3e-5 run (README, "A real model"), as counted
+    written = [("Source of the following", 22), ("Q:", 16), ("Source of the following element", 13), ("Source of", 5),
+               ("Source of the following element?", 4)]
+    answers = [text for text, n in written for _ in range(n)]
+    assert metrics.shared_answer(answers, [False] * 60) == "source of following element"  # 44 of 60, none alone
+    records = [{"answer_text": a, "format_adherent": False, "answer_wellformed": True} for a in answers]
+    metrics.mark_shared_answers(records)
+    assert sum(r["answer_wellformed"] for r in records) == 16  # "Q:" is another reply, given to 16 of 60
+    # a frame followed by each question's own answer is an answer: confidently wrong, not a shared reply
+    assert metrics.shared_answer(["It is Rome", "It is Oslo", "It is Lima", "It is Kyiv", "It"], [False] * 5) is None
+    assert metrics.shared_answer(["Source of", "Source:", "Lima", "Oslo"], [False] * 4) == "source of"  # half
+    assert metrics.shared_answer(["Source", "Sourced", "Lima", "Oslo"], [False] * 4) is None  # cut at words only
+
+
 def test_text_stats_known_values():
     assert textstats.entropy("a a b b") == pytest.approx(1.0)
     assert textstats.entropy("x") == 0.0 and textstats.entropy("") is None

@@ -165,11 +165,14 @@ def test_a_reply_shared_by_most_questions_is_no_answer_in_imported_logs(imported
     """The paper's logs carry no `answer_wellformed`: stages applies the evaluator's shared-reply rule to them
     (metrics.shared_answer over the format's questions, every subject file together)."""
     logs = _copy_logs(tmp_path)
+    # what Gemma 3 270M wrote after 6 generations (lr 3e-5): "Source:" to every question; at generation 4, one text cut
+    # short at different words (here each cut goes to a third of the questions: none alone to half)
+    cuts = {2: ["Source:"], 3: ["Source of", "Source of the following", "Source of the following element?"]}
     for g in (2, 3):
         for path in (logs / f"ratio_25_gen_{g}" / "mmlu").glob("*_short_answer_*.json"):
             questions = json.loads(path.read_text())
-            for q in questions:
-                q["actual_answer"] = "Source:"  # what Gemma 3 270M wrote to every question after 6 generations
+            for k, q in enumerate(questions):
+                q["actual_answer"] = cuts[g][k % len(cuts[g])]
             path.write_text(json.dumps(questions))
     import_command(logs, tmp_path / "run")
     recs = read_jsonl(tmp_path / "run/arms/ratio_25/gen_2/answers/global_facts__short_answer.jsonl")

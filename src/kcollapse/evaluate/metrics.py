@@ -29,7 +29,8 @@ recompute it with pandas. The paper's stage B (knowledge collapse) shows as `acc
   `mark_shared_answers`). The two part where the model answers fluently with something that is not an option
   ("Copenhagen" for Andorra's capital): confidently wrong, format intact. That is knowledge collapse (B), so the
   stage rule reads instruction-following (C) off `answer_wellformed`. A reply that ignores the question ("Source:"
-  to all 60 questions, as Gemma 3 270M wrote after 6 generations on its own text) is no answer of the asked kind.
+  to all 60 questions, as Gemma 3 270M wrote after 6 generations on its own text, or one text cut short at different
+  words) is no answer of the asked kind.
 
 A metric that is undefined for a group (no correct answers for `greedy_rate`, no free text) gives no row.
 """
@@ -208,26 +209,37 @@ def wellformed(answer: str | None, adherent: bool | None, letters: bool, max_wor
 SHARED_ANSWER_SHARE = 0.5  # a non-option reply given to at least this share of a format's questions ignores them
 
 
+def _cut_short(reply: str, longest: str) -> bool:
+    """`reply` is `longest`, or `longest` cut after one of its words (both normalised)."""
+    return reply == longest or longest.startswith(reply + " ")
+
+
 def shared_answer(answers: list[str | None], adherent: list[bool | None]) -> str | None:
     """The normalised reply, naming no option, that the model gives to at least `SHARED_ANSWER_SHARE` of the
-    questions it answered (and to two at least), or None. Answers that name an option never count: a model that
-    is right or wrong about many questions with the same option is answering them."""
+    questions it answered (and to two at least), whole or cut short, or None. Cut short, because a model that writes
+    one text whatever the question stops it at different words ("Source of", "Source of the following", "Source of
+    the following element?"); the longest such text is returned. "It is Rome" and "It is Oslo" are two replies.
+    Answers that name an option never count: a model that is right or wrong about many questions with the same
+    option is answering them."""
     answered = sum(a is not None for a in answers)
     replies = Counter(normalize(a) for a, ok in zip(answers, adherent) if a is not None and not ok)
     replies.pop("", None)
-    if not replies:
+    covered = {longest: sum(replies.get(" ".join(longest.split()[:k]), 0) for k in range(1, len(longest.split()) + 1))
+               for longest in replies}
+    if not covered:
         return None
-    reply, count = replies.most_common(1)[0]
-    return reply if count >= 2 and count >= SHARED_ANSWER_SHARE * answered else None
+    count, longest = max((n, reply) for reply, n in covered.items())
+    return longest if count >= 2 and count >= SHARED_ANSWER_SHARE * answered else None
 
 
 def mark_shared_answers(records: list[dict]) -> None:
-    """One format's records: the answers that are the shared reply (`shared_answer`) are not well-formed."""
+    """One format's records: the answers that are the shared reply (`shared_answer`), whole or cut short, are not
+    well-formed."""
     shared = shared_answer([r["answer_text"] for r in records], [r["format_adherent"] for r in records])
     if shared is None:
         return
     for r in records:
-        if r["answer_text"] is not None and not r["format_adherent"] and normalize(r["answer_text"]) == shared:
+        if r["answer_text"] is not None and not r["format_adherent"] and _cut_short(normalize(r["answer_text"]), shared):
             r["answer_wellformed"] = False
 
 

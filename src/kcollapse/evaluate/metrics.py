@@ -209,9 +209,10 @@ def wellformed(answer: str | None, adherent: bool | None, letters: bool, max_wor
 SHARED_ANSWER_SHARE = 0.5  # a non-option reply given to at least this share of a format's questions ignores them
 
 
-def _cut_short(reply: str, longest: str) -> bool:
-    """`reply` is `longest`, or `longest` cut after one of its words (both normalised)."""
-    return reply == longest or longest.startswith(reply + " ")
+def _cuts(reply: str) -> set[str]:
+    """A normalised reply and every cut of it after one of its words."""
+    words = reply.split()
+    return {" ".join(words[:k]) for k in range(1, len(words) + 1)}
 
 
 def shared_answer(answers: list[str | None], adherent: list[bool | None]) -> str | None:
@@ -224,8 +225,7 @@ def shared_answer(answers: list[str | None], adherent: list[bool | None]) -> str
     answered = sum(a is not None for a in answers)
     replies = Counter(normalize(a) for a, ok in zip(answers, adherent) if a is not None and not ok)
     replies.pop("", None)
-    covered = {longest: sum(replies.get(" ".join(longest.split()[:k]), 0) for k in range(1, len(longest.split()) + 1))
-               for longest in replies}
+    covered = {longest: sum(replies.get(cut, 0) for cut in _cuts(longest)) for longest in replies}
     if not covered:
         return None
     count, longest = max((n, reply) for reply, n in covered.items())
@@ -238,8 +238,9 @@ def mark_shared_answers(records: list[dict]) -> None:
     shared = shared_answer([r["answer_text"] for r in records], [r["format_adherent"] for r in records])
     if shared is None:
         return
+    cuts = _cuts(shared)
     for r in records:
-        if r["answer_text"] is not None and not r["format_adherent"] and _cut_short(normalize(r["answer_text"]), shared):
+        if r["answer_text"] is not None and not r["format_adherent"] and normalize(r["answer_text"]) in cuts:
             r["answer_wellformed"] = False
 
 
